@@ -16,6 +16,7 @@ Two CPU/GPU implementations in plain torch:
   backward, so the memory kept for backward is that of a plain convolution
   plus the attention.
 """
+from importlib.util import find_spec
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor
 
 IntPair = Union[int, Tuple[int, int]]
 
-IMPLEMENTATIONS = ('torch', 'reference')
+IMPLEMENTATIONS = ('triton', 'torch', 'reference')
 
 
 def _pair(value: IntPair, name: str) -> Tuple[int, int]:
@@ -375,8 +376,10 @@ def aik_conv2d(input: Tensor,
         bias: (O,) or None.
         stride, padding, dilation: int or (h, w) pair, as in ``F.conv2d``.
         groups: convolution groups, as in ``F.conv2d``.
-        impl: ``None`` (the fastest available), ``'torch'`` or
-            ``'reference'``.
+        impl: ``None`` picks ``'triton'`` for CUDA tensors when Triton is
+            importable and ``'torch'`` otherwise; ``'triton'``, ``'torch'``
+            or ``'reference'`` forces one (``'triton'`` runs on CPU tensors
+            only under ``TRITON_INTERPRET=1``).
 
     Returns:
         (B, O, H_out, W_out), channels_last when ``input`` is.
@@ -384,7 +387,7 @@ def aik_conv2d(input: Tensor,
     Under autocast the operands are cast to the autocast dtype, as
     ``F.conv2d`` is.
     """
-    impl = impl or 'torch'
+    impl = impl or _default_impl(input)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f'impl must be one of {IMPLEMENTATIONS} or None, '
                          f'got {impl!r}')
@@ -404,8 +407,17 @@ def aik_conv2d(input: Tensor,
     return _run(impl, input, attn, weight, bias, geo)
 
 
+def _default_impl(input: Tensor) -> str:
+    if input.is_cuda and find_spec('triton') is not None:
+        return 'triton'
+    return 'torch'
+
+
 def _run(impl: str, input: Tensor, attn: Tensor, weight: Tensor,
          bias: Optional[Tensor], geo: ConvGeometry) -> Tensor:
     if impl == 'reference':
         return aik_conv2d_reference(input, attn, weight, bias, geo)
+    if impl == 'triton':
+        from .aik_conv2d_triton import aik_conv2d_triton
+        return aik_conv2d_triton(input, attn, weight, bias, geo)
     return AIKConv2dFunction.apply(input, attn, weight, bias, geo)
