@@ -1,0 +1,10 @@
+# Faster R-CNN with an AIK ResNet-50-FPN, 1x schedule, COCO 2017: the plain
+# twin ./faster-rcnn_r50_fpn_1x_coco.py with AIK in the 3x3 convolutions of
+# stages 2-4 (stage 1 is frozen, as in the twin). The static kernels load
+# torchvision's ImageNet ResNet-50; the attention starts as the identity.
+_base_ = './faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['mmdynconv'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(type='AIKResNet', stage_with_aik=(False, True, True, True)))
