@@ -1,13 +1,62 @@
 """The attention generator of an AIK convolution."""
+from contextlib import contextmanager, nullcontext
 from typing import Tuple
 
 import torch
 from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 CONTEXTS = ('local', 'global', 'local_global')
 FUSIONS = ('add', 'mul', 'cat')
 ACTIVATIONS = ('2sigmoid', 'sigmoid', 'softmax')
+
+
+@contextmanager
+def _running_stats_restored(module: nn.Module):
+    """Undo what a forward pass does to the batch norms' running statistics
+    (for a checkpoint's second forward pass, which must not count twice)."""
+    buffers = [b for m in module.modules() if isinstance(m, _BatchNorm)
+               for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
+
+
+class _Gate(torch.autograd.Function):
+    """attn = act(logits) that keeps only attn for backward.
+
+    The AIK op keeps attn anyway, so the activation adds no memory.
+    '2sigmoid'/'sigmoid': a = s*sigmoid(z), da/dz = a*(1 - a/s);
+    'softmax': a = K*softmax(z) over the taps (dim 2),
+    dz = a*(g - sum_t(g*a)/K).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, act: str) -> Tensor:
+        if act == 'softmax':
+            attn = logits.softmax(dim=2).mul_(logits.shape[2])
+        else:
+            attn = torch.sigmoid(logits)
+            if act == '2sigmoid':
+                attn.mul_(2)
+        ctx.act = act
+        ctx.save_for_backward(attn)
+        return attn
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        attn, = ctx.saved_tensors
+        if ctx.act == 'softmax':
+            taps = attn.shape[2]
+            return attn * (grad - (grad * attn).sum(2, keepdim=True) / taps), \
+                None
+        scale = 2.0 if ctx.act == '2sigmoid' else 1.0
+        return grad * attn * (1 - attn / scale), None
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -31,6 +80,10 @@ class AIKAttention(nn.Module):
     'sigmoid' gives A == 0.5. The global-only context has no spatial extent,
     so it skips the fusion norm (batch norm cannot normalise one value per
     sample when the batch holds one sample).
+
+    Memory: in training the local branch is recomputed in backward instead of
+    keeping its two C-channel full-resolution intermediates, and the
+    activation keeps only A, which the AIK op keeps anyway.
 
     Args:
         in_channels: C.
@@ -100,13 +153,26 @@ class AIKAttention(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def _local(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, M, H_out, W_out)."""
+        return self.local_proj(self.local_norm(self.local_conv(x)))
+
+    def _recomputed_local(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and self.training):
+            return self._local(x)
+        return checkpoint(
+            self._local,
+            x,
+            use_reentrant=False,
+            context_fn=lambda: (nullcontext(), _running_stats_restored(self)))
+
     def _fuse(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> fused context (B, M or 2M, H_out or 1, W_out or 1)."""
         if self.global_proj is not None:
             glob = self.global_proj(x.mean((2, 3), keepdim=True))
             if self.local_conv is None:
                 return torch.relu(glob)
-        local = self.local_proj(self.local_norm(self.local_conv(x)))
+        local = self._recomputed_local(x)
         if self.global_proj is None:
             fused = local
         elif self.fusion == 'add':
@@ -122,10 +188,4 @@ class AIKAttention(nn.Module):
         logits = self.head(self._fuse(x))
         batch = logits.shape[0]
         logits = logits.view(batch, self.attn_groups, -1, *logits.shape[2:])
-        if self.act == '2sigmoid':
-            attn = 2 * torch.sigmoid(logits)
-        elif self.act == 'sigmoid':
-            attn = torch.sigmoid(logits)
-        else:
-            attn = logits.shape[2] * torch.softmax(logits, dim=2)
-        return attn.expand(-1, -1, -1, *out_size)
+        return _Gate.apply(logits, self.act).expand(-1, -1, -1, *out_size)

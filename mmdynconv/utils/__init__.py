@@ -1,0 +1,3 @@
+from .checkpoint import allow_runner_checkpoint_types
+
+__all__ = ['allow_runner_checkpoint_types']

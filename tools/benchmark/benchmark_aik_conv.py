@@ -1,0 +1,215 @@
+"""CPU benchmark: the AIK layer against nn.Conv2d and its dynamic-conv peers.
+
+At ResNet-50's 3x3 residual-conv shapes (batch 2, 224x224 input), times
+forward (eval, no grad) and forward+backward (train), and measures the bytes
+autograd keeps for backward (unique storages seen by saved_tensors_hooks) and
+the peak memory allocated during forward+backward (profiler memory events).
+Rows: (a) nn.Conv2d, (b) the whole AIKConv2d layer (generator included),
+(c) the same layer on the reference op path, (d) mmcv's DCNv2
+(ModulatedDeformConv2dPack), (e) a CondConv/DyConv-style 4-expert dynamic conv.
+Ratios are to (a), measured in this one process.
+
+Multiply-adds: every nn.Conv2d / nn.Linear call inside a layer is counted by a
+forward hook (out elements * in_channels/groups * kh*kw), plus what hooks
+cannot see: AIK's modulation (B*C*K*L), DCNv2's main aggregation
+(B*O*L*C*K) and its bilinear sampling with mask (5*B*C*K*L), and the expert
+mixing of the dynamic conv (B*E*O*C*K).
+
+    python tools/benchmark/benchmark_aik_conv.py [--runs 10] [--batch 2]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdynconv.cnn import AIKConv2d
+from mmdynconv.ops import aik_conv2d
+
+# (in = out channels, input size, stride) of ResNet-50's 3x3 convolutions
+SHAPES = [(64, 56, 1), (128, 28, 1), (256, 14, 1), (512, 7, 1),
+          (128, 56, 2), (256, 28, 2), (512, 14, 2)]
+
+
+class ReferenceAIKConv2d(AIKConv2d):
+    """The AIK layer running the plain unfold reference op."""
+
+    def forward(self, x):
+        return aik_conv2d(x, self.attention(x), self.weight, self.bias,
+                          self.stride, self.padding, self.dilation,
+                          self.groups, impl='reference')
+
+
+class DynamicConv4(nn.Module):
+    """CondConv/DyConv-style: a per-sample softmax mix of 4 expert kernels."""
+
+    def __init__(self, channels, stride, experts=4):
+        super().__init__()
+        self.stride = stride
+        self.experts = nn.Parameter(
+            torch.randn(experts, channels, channels, 3, 3) * 0.05)
+        self.route = nn.Linear(channels, experts)
+
+    def forward(self, x):
+        batch, channels = x.shape[:2]
+        mix = torch.softmax(self.route(x.mean((2, 3))), dim=1)
+        kernels = torch.einsum('be,eocij->bocij', mix, self.experts)
+        out = F.conv2d(x.reshape(1, batch * channels, *x.shape[2:]),
+                       kernels.reshape(-1, channels, 3, 3), None, self.stride,
+                       1, 1, batch)
+        return out.view(batch, -1, *out.shape[2:])
+
+
+def build_layers(channels, stride):
+    layers = {
+        'nn.Conv2d': nn.Conv2d(channels, channels, 3, stride, 1, bias=False),
+        'AIK layer': AIKConv2d(channels, channels, 3, stride, 1, bias=False),
+        'AIK reference': ReferenceAIKConv2d(channels, channels, 3, stride, 1,
+                                            bias=False),
+        'CondConv-4': DynamicConv4(channels, stride),
+    }
+    try:
+        from mmcv.ops import ModulatedDeformConv2dPack
+        layers['DCNv2 (mmcv)'] = ModulatedDeformConv2dPack(
+            channels, channels, 3, stride, 1, bias=False)
+    except ImportError:
+        pass
+    return layers
+
+
+def count_macs(layer, x):
+    """Multiply-adds of one forward of layer on x (see module docstring)."""
+    total = 0
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * module.in_channels // module.groups * k
+        else:
+            total += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(conv_hook) for m in layer.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        out = layer(x)
+    for hook in hooks:
+        hook.remove()
+    batch, channels = x.shape[:2]
+    taps, positions = 9, out.shape[2] * out.shape[3]
+    if isinstance(layer, AIKConv2d):
+        total += batch * channels * taps * positions
+    elif isinstance(layer, DynamicConv4):
+        total += out.numel() * channels * taps  # the grouped conv
+        total += batch * layer.experts.numel()
+    elif type(layer).__name__ == 'ModulatedDeformConv2dPack':
+        total += out.numel() * channels * taps
+        total += 5 * batch * channels * taps * positions
+    return total
+
+
+def median_seconds(fn, runs, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def saved_bytes(layer, x):
+    """Bytes of the unique storages autograd keeps for backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    del out
+    return sum(storages.values())
+
+
+def peak_bytes(fn):
+    """Peak of the bytes allocated while fn runs (CPU profiler events)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities,
+                                profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name == '[memory]'),
+                    key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def bench_shape(channels, size, stride, batch, runs):
+    torch.manual_seed(0)
+    layers = build_layers(channels, stride)
+    x = torch.randn(batch, channels, size, size)
+    rows = []
+    for name, layer in layers.items():
+        x_grad = x.clone().requires_grad_()
+
+        def forward():
+            with torch.no_grad():
+                layer(x)
+
+        def forward_backward():
+            layer(x_grad).sum().backward()
+
+        layer.eval()
+        fwd = median_seconds(forward, runs)
+        layer.train()
+        fwd_bwd = median_seconds(forward_backward, runs)
+        rows.append(
+            dict(name=name,
+                 fwd=fwd,
+                 fwd_bwd=fwd_bwd,
+                 saved=saved_bytes(layer, x_grad),
+                 peak=peak_bytes(forward_backward),
+                 params=sum(p.numel() for p in layer.parameters()),
+                 macs=count_macs(layer.eval(), x)))
+    return rows
+
+
+def format_table(shape, rows):
+    base = rows[0]
+    lines = [
+        f'\n### C={shape[0]}, {shape[1]}x{shape[1]}, stride {shape[2]}\n',
+        '| layer | fwd ms | fwd+bwd ms | fwd+bwd x | saved MB | saved x '
+        '| peak MB | peak x | params | params x | MMACs | MACs x |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|'
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['fwd'] * 1e3:.2f} | {r['fwd_bwd'] * 1e3:.2f}"
+            f" | {r['fwd_bwd'] / base['fwd_bwd']:.2f} | {r['saved'] / 2**20:.2f}"
+            f" | {r['saved'] / base['saved']:.2f} | {r['peak'] / 2**20:.1f} "
+            f"| {r['peak'] / base['peak']:.2f} | {r['params']} "
+            f"| {r['params'] / base['params']:.3f} | {r['macs'] / 1e6:.1f} "
+            f"| {r['macs'] / base['macs']:.3f} |")
+    return '\n'.join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--runs', type=int, default=10)
+    parser.add_argument('--batch', type=int, default=2)
+    args = parser.parse_args()
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
+          f'batch {args.batch}, median of {args.runs} runs after 3 warm-up')
+    for shape in SHAPES:
+        print(format_table(shape, bench_shape(*shape, args.batch, args.runs)),
+              flush=True)
+
+
+if __name__ == '__main__':
+    main()
