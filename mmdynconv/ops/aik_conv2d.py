@@ -323,13 +323,16 @@ class AIKConv2dFunction(torch.autograd.Function):
                          out=layout.gemm_patches(grad_patches))
             grad_patches = layout.patch_view(grad_patches)
         if need_attn or need_weight:
-            padded = layout.padded(input)
-            windows = layout.window_view(layout.windows(padded))
-        if need_attn:
-            grad_attn = (grad_patches * windows).sum((4, 8))
-            grad_attn = layout.attn_from_view(grad_attn)
-        if need_weight:
+            windows = layout.window_view(layout.windows(layout.padded(input)))
+            # Products with the overlapping window view are written into a
+            # contiguous buffer: left to choose its own output layout, mul
+            # follows the window strides and runs tens of times slower.
             patches = layout.new_patches(input)
+        if need_attn:
+            product = torch.mul(grad_patches, windows,
+                                out=layout.patch_view(patches))
+            grad_attn = layout.attn_from_view(product.sum((4, 8)))
+        if need_weight:
             torch.mul(windows, attn_view, out=layout.patch_view(patches))
             grad_weight = torch.matmul(grad_rows.transpose(1, 2),
                                        layout.gemm_patches(patches))

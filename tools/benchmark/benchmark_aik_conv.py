@@ -136,16 +136,21 @@ def saved_bytes(layer, x):
 
 
 def peak_bytes(fn):
-    """Peak of the bytes allocated while fn runs (CPU profiler events)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities,
-                                profile_memory=True) as prof:
+    """Peak of the bytes allocated while fn runs, from the profiler's memory
+    timeline (CPU has no allocator statistics like torch.cuda's)."""
+    from torch.profiler._memory_profiler import Action
+    with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            profile_memory=True,
+            record_shapes=True,
+            with_stack=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name == '[memory]'),
-                    key=lambda e: e.time_range.start)
     current = peak = 0
-    for event in events:
-        current += event.cpu_memory_usage
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
         peak = max(peak, current)
     return peak
 
