@@ -12,8 +12,8 @@ def check_stage_with_aik(stage_with_aik: Optional[Sequence],
     """
     if stage_with_aik is None:
         return (True, ) * num_stages
-    if (not isinstance(stage_with_aik, (tuple, list))
-            or len(stage_with_aik) != num_stages
+    if (not isinstance(stage_with_aik,
+                       (tuple, list)) or len(stage_with_aik) != num_stages
             or not all(isinstance(s, bool) for s in stage_with_aik)):
         raise ValueError(
             f'stage_with_aik must hold one bool per stage (num_stages='
