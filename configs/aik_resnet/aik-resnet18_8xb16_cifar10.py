@@ -1,0 +1,7 @@
+# CIFAR-stem ResNet-18 on CIFAR-10 with AIK convolutions in every stage;
+# all else as the plain twin.
+_base_ = './resnet18_8xb16_cifar10.py'
+
+custom_imports = dict(imports=['mmdynconv'], allow_failed_imports=False)
+
+model = dict(backbone=dict(type='AIKResNet_CIFAR'))

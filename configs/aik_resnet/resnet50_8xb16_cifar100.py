@@ -1,0 +1,2 @@
+# Plain twin of aik-resnet50_8xb16_cifar100.py: MMPretrain's own recipe.
+_base_ = 'mmpretrain::resnet/resnet50_8xb16_cifar100.py'
