@@ -128,7 +128,10 @@ def check_inputs(cfg: Config, phases) -> None:
         try:
             MODELS.build(cfg.model)
         except Exception as error:  # noqa: BLE001  (reported, then exit)
-            fail(f'cannot build the model: {error}')
+            what = f'model {cfg.model.get("type")}'
+            if 'backbone' in cfg.model:
+                what += f', backbone {cfg.model.backbone.get("type")}'
+            fail(f'cannot build the {what}: {error}')
         for phase in phases:
             loader = cfg.get(f'{phase}_dataloader')
             if loader:

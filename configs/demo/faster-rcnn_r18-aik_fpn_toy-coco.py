@@ -20,7 +20,7 @@ model = dict(
     rpn_head=dict(
         in_channels=64,
         feat_channels=64,
-        anchor_generator=dict(scales=[4])),
+        anchor_generator=dict(scales=[4, 6], ratios=[1.0])),
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=64),
         bbox_head=dict(in_channels=64, fc_out_channels=256, num_classes=3)),

@@ -21,7 +21,7 @@ model = dict(
         in_channels=64,
         feat_channels=64,
         stacked_convs=2,
-        anchor_generator=dict(octave_base_scale=2)),
+        anchor_generator=dict(octave_base_scale=2, ratios=[1.0])),
     test_cfg=dict(nms_pre=300))
 
 optim_wrapper = dict(optimizer=dict(lr=0.01))
