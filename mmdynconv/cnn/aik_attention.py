@@ -27,38 +27,6 @@ def _running_stats_restored(module: nn.Module):
             buffer.copy_(value)
 
 
-class _Gate(torch.autograd.Function):
-    """attn = act(logits) that keeps only attn for backward.
-
-    The AIK op keeps attn anyway, so the activation adds no memory.
-    '2sigmoid'/'sigmoid': a = s*sigmoid(z), da/dz = a*(1 - a/s);
-    'softmax': a = K*softmax(z) over the taps (dim 2),
-    dz = a*(g - sum_t(g*a)/K).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, act: str) -> Tensor:
-        if act == 'softmax':
-            attn = logits.softmax(dim=2).mul_(logits.shape[2])
-        else:
-            attn = torch.sigmoid(logits)
-            if act == '2sigmoid':
-                attn.mul_(2)
-        ctx.act = act
-        ctx.save_for_backward(attn)
-        return attn
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        attn, = ctx.saved_tensors
-        if ctx.act == 'softmax':
-            taps = attn.shape[2]
-            return attn * (grad - (grad * attn).sum(2, keepdim=True) / taps), \
-                None
-        scale = 2.0 if ctx.act == '2sigmoid' else 1.0
-        return grad * attn * (1 - attn / scale), None
-
-
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
@@ -81,9 +49,10 @@ class AIKAttention(nn.Module):
     so it skips the fusion norm (batch norm cannot normalise one value per
     sample when the batch holds one sample).
 
-    Memory: in training the local branch is recomputed in backward instead of
-    keeping its two C-channel full-resolution intermediates, and the
-    activation keeps only A, which the AIK op keeps anyway.
+    Memory: when gradients are recorded, the generator is recomputed in
+    backward instead of keeping its intermediates (two of them C-channel maps
+    at full resolution); only A, which the AIK op keeps anyway, survives the
+    forward pass. Batch norms update their running statistics once.
 
     Args:
         in_channels: C.
@@ -157,22 +126,13 @@ class AIKAttention(nn.Module):
         """(B, C, H, W) -> (B, M, H_out, W_out)."""
         return self.local_proj(self.local_norm(self.local_conv(x)))
 
-    def _recomputed_local(self, x: Tensor) -> Tensor:
-        if not (torch.is_grad_enabled() and self.training):
-            return self._local(x)
-        return checkpoint(
-            self._local,
-            x,
-            use_reentrant=False,
-            context_fn=lambda: (nullcontext(), _running_stats_restored(self)))
-
     def _fuse(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> fused context (B, M or 2M, H_out or 1, W_out or 1)."""
         if self.global_proj is not None:
             glob = self.global_proj(x.mean((2, 3), keepdim=True))
             if self.local_conv is None:
                 return torch.relu(glob)
-        local = self._recomputed_local(x)
+        local = self._local(x)
         if self.global_proj is None:
             fused = local
         elif self.fusion == 'add':
@@ -183,9 +143,26 @@ class AIKAttention(nn.Module):
             fused = torch.cat([local, glob.expand_as(local)], dim=1)
         return torch.relu(self.fuse_norm(fused))
 
+    def attention_map(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> A of shape (B, G, K, H_out, W_out), or
+        (B, G, K, 1, 1) for the global-only context."""
+        logits = self.head(self._fuse(x))
+        logits = logits.view(logits.shape[0], self.attn_groups, -1,
+                             *logits.shape[2:])
+        if self.act == 'softmax':
+            return logits.shape[2] * torch.softmax(logits, dim=2)
+        attn = torch.sigmoid(logits)
+        return 2 * attn if self.act == '2sigmoid' else attn
+
     def forward(self, x: Tensor, out_size: Tuple[int, int]) -> Tensor:
         """(B, C, H, W) -> A of shape (B, G, K, H_out, W_out)."""
-        logits = self.head(self._fuse(x))
-        batch = logits.shape[0]
-        logits = logits.view(batch, self.attn_groups, -1, *logits.shape[2:])
-        return _Gate.apply(logits, self.act).expand(-1, -1, -1, *out_size)
+        if torch.is_grad_enabled():
+            attn = checkpoint(
+                self.attention_map,
+                x,
+                use_reentrant=False,
+                context_fn=lambda:
+                (nullcontext(), _running_stats_restored(self)))
+        else:
+            attn = self.attention_map(x)
+        return attn.expand(-1, -1, -1, *out_size)

@@ -77,8 +77,10 @@ def check_aik_args(input: Tensor, attn: Tensor, weight: Tensor,
     if attn.dim() != 5:
         raise ValueError('attn must have shape (B, G, K, H_out, W_out), got '
                          f'shape {tuple(attn.shape)}')
-    batch, channels, height, width = input.shape
-    out_channels, group_channels, kh, kw = weight.shape
+    # int(): under torch.jit.trace sizes are traced values, and the geometry
+    # must hold plain ints (FlopAnalyzer and ONNX export trace the model).
+    batch, channels, height, width = map(int, input.shape)
+    out_channels, group_channels, kh, kw = map(int, weight.shape)
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f'groups must be a positive int, got {groups!r}')
     if channels % groups or out_channels % groups:
@@ -99,7 +101,7 @@ def check_aik_args(input: Tensor, attn: Tensor, weight: Tensor,
         raise ValueError(
             f'input of spatial size {(height, width)} is too small for kernel '
             f'{(kh, kw)} with padding {padding} and dilation {dilation}')
-    attn_groups = attn.shape[1]
+    attn_groups = int(attn.shape[1])
     if attn_groups < 1 or channels % attn_groups:
         raise ValueError(
             f'attn groups G={attn_groups} (attn.shape[1]) must divide the '

@@ -4,6 +4,7 @@ from mmengine.registry import DefaultScope
 from torch import nn
 
 from mmdynconv.cnn import AIKConv2d
+from mmdynconv.ops import aik_conv2d
 
 CONV_ARGS = [
     dict(kernel_size=3, stride=1, padding=1),
@@ -165,19 +166,38 @@ def test_attention_varies_over_samples_positions_and_taps():
     assert (a0[:, 2, 2].max() - a0[:, 2, 2].min()) > 1e-3  # across taps
 
 
-def test_recomputed_local_branch_gives_exact_gradients_and_counts_once():
+def test_recomputed_generator_gives_exact_gradients_and_counts_once():
     torch.manual_seed(3)
     layer = AIKConv2d(8, 8, 3, padding=1)
     torch.nn.init.normal_(layer.generator.head.weight, std=0.5)
     twin = AIKConv2d(8, 8, 3, padding=1)
     twin.load_state_dict(layer.state_dict())
-    twin.generator._recomputed_local = twin.generator._local  # no checkpoint
     x = torch.randn(2, 8, 10, 10)
-    for module in (layer, twin):
-        module(x).square().sum().backward()
+    layer(x).square().sum().backward()
+    # the same computation without recomputation
+    attn = twin.generator.attention_map(x)
+    aik_conv2d(x, attn, twin.weight, twin.bias,
+               padding=1).square().sum().backward()
     for (name, p), q in zip(layer.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
-    norm, twin_norm = layer.generator.local_norm, twin.generator.local_norm
-    assert norm.num_batches_tracked.item() == 1
-    torch.testing.assert_close(norm.running_mean, twin_norm.running_mean)
-    torch.testing.assert_close(norm.running_var, twin_norm.running_var)
+    for norm in ('local_norm', 'fuse_norm'):
+        ours, theirs = (getattr(m.generator, norm) for m in (layer, twin))
+        assert ours.num_batches_tracked.item() == 1
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_generator_keeps_only_the_attention_for_backward():
+    layer = AIKConv2d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    attn_bytes = 2 * 9 * 16 * 16 * 4
+    small = 64 * 64 * 9 * 4 + 2 * 64 * 4 * 4  # weight; pooled vectors etc.
+    assert sum(storages.values()) <= x.numel() * 4 + attn_bytes + small

@@ -229,8 +229,22 @@ def test_norm_eval(norm_eval):
         if isinstance(m, _BatchNorm)
     ]
     assert generator_norms
-    assert all(m.training != norm_eval for m in norms)
+    assert all(m.training != norm_eval for m in norms
+               if all(m is not g for g in generator_norms))
+    # no pretrained statistics to keep: the generators' norms train
+    assert all(m.training for m in generator_norms)
     assert model.layer1.training
+
+
+def test_norm_eval_keeps_generators_of_frozen_stages_frozen():
+    model = AIKResNet(depth=18, norm_eval=True, frozen_stages=2)
+    model.train()
+    for stage, frozen in (('layer1', True), ('layer2', True),
+                          ('layer3', False), ('layer4', False)):
+        generators = [m.generator for m in getattr(model, stage).modules()
+                      if hasattr(m, 'generator')]
+        assert generators
+        assert all(g.local_norm.training != frozen for g in generators)
 
 
 @pytest.mark.parametrize('depth', [18, 50])

@@ -17,28 +17,6 @@ REPO = Path(__file__).resolve().parents[2]
 AIK_OP = 'PythonOp.AIKConv2dFunction'
 
 
-def _aik_conv2d_traces() -> bool:
-    """Whether torch.jit can trace aik_conv2d (FlopAnalyzer traces)."""
-    x, attn, weight = torch.rand(1, 1, 3, 3), torch.rand(1, 1, 9, 3, 3), \
-        torch.rand(1, 1, 3, 3)
-    try:
-        torch.jit.trace(lambda *a: aik_conv2d(*a, padding=1),
-                        (x, attn, weight))
-    except RuntimeError:
-        return False
-    return True
-
-
-# aik_conv2d's ConvGeometry keeps the sizes that tracing turns into tensors,
-# and the traced autograd function then fails with 'unordered_map::at'.
-needs_traceable_op = pytest.mark.xfail(
-    not _aik_conv2d_traces(),
-    raises=RuntimeError,
-    strict=True,
-    reason='aik_conv2d cannot be traced by torch.jit yet: check_aik_args '
-    'must turn input/weight/attn sizes into ints (mmdynconv/ops)')
-
-
 class AIKOp(nn.Module):
     """aik_conv2d alone, with the attention given."""
 
@@ -54,7 +32,6 @@ class AIKOp(nn.Module):
             x, attn, self.weight, None, groups=self.groups, **self.geometry)
 
 
-@needs_traceable_op
 @pytest.mark.parametrize(
     'case, hand_count',
     [
@@ -82,7 +59,6 @@ def test_aggregation_counts_as_the_static_convolution():
     assert FlopAnalyzer(conv, torch.randn(2, 8, 9, 11)).total() == 34560
 
 
-@needs_traceable_op
 def test_every_aik_layer_of_a_backbone_is_counted():
     model = AIKResNet(depth=18)
     model.eval()
@@ -99,7 +75,6 @@ def test_every_aik_layer_of_a_backbone_is_counted():
     assert not set(analyzer.unsupported_ops()) & set(AIK_CONV_OPS)
 
 
-@needs_traceable_op
 def test_get_flops_compares_resnet18():
     spec = importlib.util.spec_from_file_location(
         'get_flops', REPO / 'tools/analysis/get_flops.py')

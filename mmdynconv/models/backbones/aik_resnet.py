@@ -4,6 +4,7 @@ from typing import Optional, Sequence
 from mmdet.models.backbones.resnet import BasicBlock, ResNet
 from mmengine.registry import MODELS
 
+from mmdynconv.cnn import AIKAttention
 from .utils import check_stage_with_aik
 
 
@@ -55,8 +56,10 @@ class AIKResNet(ResNet):
         stage_with_aik: one bool per stage; None (default) selects all.
         norm_eval: as MMDetection's, but False by default, as in MMPretrain
             and torchvision: classification configs rely on the default,
-            detection configs set True. It freezes the statistics of every
-            batch norm, the attention generators' included.
+            detection configs set True. It freezes the statistics of the
+            ResNet's own batch norms; the attention generators' norms, which
+            a plain ImageNet checkpoint has no statistics for, keep training
+            outside the frozen stages.
         **kwargs: MMDetection ResNet's other options: in_channels,
             stem_channels, base_channels, num_stages, strides, dilations,
             out_indices, style, deep_stem, avg_down, frozen_stages, conv_cfg
@@ -98,6 +101,14 @@ class AIKResNet(ResNet):
             **kwargs)
         self.aik_cfg = aik_cfg
         self.stage_with_aik = stage_with_aik
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.norm_eval:
+            for stage in self.res_layers[max(self.frozen_stages, 0):]:
+                for module in getattr(self, stage).modules():
+                    if isinstance(module, AIKAttention):
+                        module.train()
 
     def make_res_layer(self, block, **kwargs):
         """One stage; ``dcn`` in kwargs is its AIK conv config or None."""
