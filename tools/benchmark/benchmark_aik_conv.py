@@ -16,6 +16,10 @@ cannot see: AIK's modulation (B*C*K*L), DCNv2's main aggregation
 mixing of the dynamic conv (B*E*O*C*K).
 
     python tools/benchmark/benchmark_aik_conv.py [--runs 10] [--batch 2]
+        [--threads N]
+
+On a machine shared with other work, ``--threads 1`` avoids OpenMP threads
+waiting on a descheduled sibling (times then jump in whole scheduler slices).
 """
 import argparse
 import statistics
@@ -208,7 +212,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', type=int, default=10)
     parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
           f'batch {args.batch}, median of {args.runs} runs after 3 warm-up')
     for shape in SHAPES:
