@@ -16,7 +16,8 @@ from make_toy_coco import CLASSES, make_toy_coco  # noqa: E402,F401
 
 def run(*args, env: dict = None) -> subprocess.CompletedProcess:
     """Run ``args`` (``python`` stands for this interpreter) in the repo
-    root; stdout and stderr together in ``.stdout``."""
+    root; stdout and stderr together in ``.stdout``. One OpenMP thread, as
+    torchrun gives each process: two spin against a busy 2-core machine."""
     args = [sys.executable if a == 'python' else str(a) for a in args]
     return subprocess.run(
         args,
@@ -25,7 +26,11 @@ def run(*args, env: dict = None) -> subprocess.CompletedProcess:
         stderr=subprocess.STDOUT,
         text=True,
         timeout=600,
-        env={**os.environ, 'PYTHON': sys.executable, **(env or {})})
+        env={
+            'OMP_NUM_THREADS': '1',
+            **os.environ, 'PYTHON': sys.executable,
+            **(env or {})
+        })
 
 
 def run_ok(*args, env: dict = None) -> str:

@@ -59,7 +59,7 @@ val_evaluator = dict(
     metric='bbox')
 test_evaluator = val_evaluator
 
-max_epochs = 12
+max_epochs = 6
 train_cfg = dict(
     type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=max_epochs)
 val_cfg = dict(type='ValLoop')
@@ -81,5 +81,5 @@ auto_scale_lr = dict(enable=False, base_batch_size=8)
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),
-    checkpoint=dict(type='CheckpointHook', interval=4, max_keep_ckpts=1))
+    checkpoint=dict(type='CheckpointHook', interval=2, max_keep_ckpts=1))
 randomness = dict(seed=0)
