@@ -141,8 +141,11 @@ def main():
                         help='image side in pixels')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
-    root = make_toy_coco(args.out, args.num_train, args.num_val,
-                         args.img_size, args.seed)
+    try:
+        root = make_toy_coco(args.out, args.num_train, args.num_val,
+                             args.img_size, args.seed)
+    except FileExistsError as error:
+        raise SystemExit(f'error: {error}')
     print(f'toy COCO dataset ({", ".join(CLASSES)}) in {root}')
 
 
