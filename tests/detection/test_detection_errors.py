@@ -3,6 +3,7 @@ before anything is written."""
 import importlib.util
 
 import pytest
+import torch
 from mmengine.config import Config
 
 from detection_utils import REPO, TOY_FASTER_RCNN, TOY_RETINANET
@@ -77,4 +78,15 @@ def test_test_tool_names_a_missing_checkpoint(tmp_path, monkeypatch):
     ])
     with pytest.raises(SystemExit, match='no such checkpoint: .*epoch_9.pth'):
         test_tool.main()
+    assert not (tmp_path / 'work').exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='CPU-only behaviour')
+def test_amp_without_cuda_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr('sys.argv', [
+        'train.py', str(REPO / TOY_FASTER_RCNN), '--amp', '--work-dir',
+        str(tmp_path / 'work')
+    ])
+    with pytest.raises(SystemExit, match='^error: --amp needs a CUDA device$'):
+        train.main()
     assert not (tmp_path / 'work').exists()

@@ -22,8 +22,9 @@ def _test_metrics(work_dir) -> dict:
                          [(TOY_FASTER_RCNN, False), (TOY_RETINANET, True)])
 def test_train_resume_test(config, resume_explicitly, toy_coco, tmp_path):
     """A start that fails on missing data leaves no work dir behind; then
-    the detector trains an epoch, resumes for a second (``--resume`` alone
-    finds the last checkpoint), and tests with CocoMetric."""
+    the detector trains an epoch (``--auto-scale-lr`` on), resumes for a
+    second (``--resume`` alone finds the last checkpoint), and tests with
+    CocoMetric."""
     work_dir = tmp_path / 'train'
     train = ('python', 'tools/train.py', config, '--work-dir', work_dir)
     proc = run(*train, '--cfg-options',
@@ -34,9 +35,11 @@ def test_train_resume_test(config, resume_explicitly, toy_coco, tmp_path):
         f'{tmp_path}/nowhere')
     assert not work_dir.exists()
 
-    out = run_ok(*train, '--cfg-options',
+    out = run_ok(*train, '--auto-scale-lr', '--cfg-options',
                  *toy_options(config, toy_coco, epochs=1))
     assert 'Epoch(train) [1][2/2]' in out and 'coco/bbox_mAP' in out
+    # batches of 4 where the config's lr is for 8
+    assert 'Scaling the original LR by 0.5.' in out
     first = work_dir / 'epoch_1.pth'
     assert (work_dir / 'last_checkpoint').read_text().strip() == str(first)
 
