@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from mmengine.config import Config
 from mmengine.dataset import Compose
 from mmengine.registry import DATASETS, MODELS, DefaultScope
@@ -91,3 +92,25 @@ def test_toy_datasets_load(config, toy_coco):
             assert dataset.metainfo['classes'] == ('square', 'disc',
                                                    'triangle')
     assert torch.is_tensor(item['inputs'])
+
+
+def test_aik_coco_config_loads_a_torchvision_checkpoint(tmp_path):
+    """The AIK configs' init_cfg path: a torchvision ResNet-50 state dict
+    (random here, ImageNet in the config) fills the static kernels."""
+    resnet = torchvision.models.resnet50()
+    torch.save(resnet.state_dict(), tmp_path / 'resnet50.pth')
+    config = 'configs/faster_rcnn/faster-rcnn_r50-aik_fpn_1x_coco.py'
+    cfg = Config.fromfile(REPO / config)
+    init_cfg = cfg.model.backbone.init_cfg
+    assert init_cfg.checkpoint == 'torchvision://resnet50'
+    init_cfg.checkpoint = str(tmp_path / 'resnet50.pth')
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(cfg.model)
+    model.init_weights()
+    backbone = model.backbone.state_dict()
+    for key, value in resnet.state_dict().items():
+        if not key.startswith('fc.'):
+            torch.testing.assert_close(backbone[key], value, msg=key)
+    aik = model.backbone.layer2[0].conv2
+    assert isinstance(aik, AIKConv2d)
+    assert not aik.generator.head.weight.any()

@@ -24,7 +24,7 @@ def test_train_resume_test(config, resume_explicitly, toy_coco, tmp_path):
     """A start that fails on missing data leaves no work dir behind; then
     the detector trains an epoch (``--auto-scale-lr`` on), resumes for a
     second (``--resume`` alone finds the last checkpoint), and tests with
-    CocoMetric."""
+    CocoMetric, dumping and drawing the predictions."""
     work_dir = tmp_path / 'train'
     train = ('python', 'tools/train.py', config, '--work-dir', work_dir)
     proc = run(*train, '--cfg-options',
@@ -52,8 +52,9 @@ def test_train_resume_test(config, resume_explicitly, toy_coco, tmp_path):
 
     test_dir, preds = tmp_path / 'test', tmp_path / 'preds.pkl'
     run_ok('python', 'tools/test.py', config, work_dir / 'epoch_2.pth',
-           '--work-dir', test_dir, '--out', preds, '--cfg-options',
-           *toy_options(config, toy_coco))
+           '--work-dir', test_dir, '--out', preds, '--show-dir', 'drawn',
+           '--cfg-options', *toy_options(config, toy_coco))
+    assert len(list(test_dir.glob('*/drawn/*.png'))) == 4
     metrics = _test_metrics(test_dir)
     assert COCO_KEYS <= metrics.keys()
     assert all(-1 <= metrics[key] <= 1 for key in COCO_KEYS)
