@@ -209,8 +209,8 @@ def main():
         if not _is_remote(args.resume) and not osp.isfile(args.resume):
             fail(f'--resume: no such checkpoint: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
-    check_inputs(cfg, ['train', 'val'] if cfg.get('val_cfg') is not None
-                 else ['train'])
+    validates = cfg.get('val_cfg') is not None
+    check_inputs(cfg, ['train', 'val'] if validates else ['train'])
     setup_cpu_distributed(cfg)
     build_runner(cfg).train()
 

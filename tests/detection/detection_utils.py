@@ -45,15 +45,19 @@ def toy_options(config: str, root, epochs: int = 1) -> list:
     ``epochs`` epochs of 4-image batches, validation, checkpoint and log
     every epoch, and every detection kept (an untrained model scores low)."""
     loaders = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+    options = [f'{loader}.dataset.data_root={root}' for loader in loaders]
+    options += [
+        f'{phase}_evaluator.ann_file={root}/annotations/val.json'
+        for phase in ('val', 'test')
+    ]
     test_cfg = 'rcnn.' if config == TOY_FASTER_RCNN else ''
-    return [
-        *(f'{loader}.dataset.data_root={root}' for loader in loaders),
-        *(f'{phase}_evaluator.ann_file={root}/annotations/val.json'
-          for phase in ('val', 'test')),
-        f'train_cfg.max_epochs={epochs}', 'train_cfg.val_interval=1',
-        'train_dataloader.batch_size=4', 'default_hooks.checkpoint.interval=1',
+    return options + [
+        f'train_cfg.max_epochs={epochs}',
+        'train_cfg.val_interval=1',
+        'train_dataloader.batch_size=4',
+        'default_hooks.checkpoint.interval=1',
         'default_hooks.logger.interval=1',
-        f'model.test_cfg.{test_cfg}score_thr=0'
+        f'model.test_cfg.{test_cfg}score_thr=0',
     ]
 
 

@@ -44,8 +44,10 @@ def test_config_builds_its_model(config):
     if config in AIK_COCO_CONFIGS:
         assert cfg.custom_imports.imports == ['mmdynconv']
         assert cfg.model.backbone.init_cfg is None
-        stages = {name.split('.')[1] for name, m in model.named_modules()
-                  if isinstance(m, AIKConv2d)}
+        stages = {
+            name.split('.')[1]
+            for name, m in model.named_modules() if isinstance(m, AIKConv2d)
+        }
         assert stages == {'layer2', 'layer3', 'layer4'}
 
 

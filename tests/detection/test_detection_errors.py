@@ -73,8 +73,10 @@ def test_test_tool_names_a_missing_checkpoint(tmp_path, monkeypatch):
     test_tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(test_tool)
     monkeypatch.setattr('sys.argv', [
-        'test.py', str(REPO / TOY_FASTER_RCNN), str(tmp_path / 'epoch_9.pth'),
-        '--work-dir', str(tmp_path / 'work')
+        'test.py',
+        str(REPO / TOY_FASTER_RCNN),
+        str(tmp_path / 'epoch_9.pth'), '--work-dir',
+        str(tmp_path / 'work')
     ])
     with pytest.raises(SystemExit, match='no such checkpoint: .*epoch_9.pth'):
         test_tool.main()
@@ -84,7 +86,8 @@ def test_test_tool_names_a_missing_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason='CPU-only behaviour')
 def test_amp_without_cuda_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr('sys.argv', [
-        'train.py', str(REPO / TOY_FASTER_RCNN), '--amp', '--work-dir',
+        'train.py',
+        str(REPO / TOY_FASTER_RCNN), '--amp', '--work-dir',
         str(tmp_path / 'work')
     ])
     with pytest.raises(SystemExit, match='^error: --amp needs a CUDA device$'):

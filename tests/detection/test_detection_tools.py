@@ -8,8 +8,10 @@ import pytest
 from detection_utils import (TOY_FASTER_RCNN, TOY_RETINANET, free_port, run,
                              run_ok, toy_options)
 
-COCO_KEYS = {'coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75',
-             'coco/bbox_mAP_s', 'coco/bbox_mAP_m', 'coco/bbox_mAP_l'}
+COCO_KEYS = {
+    'coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75', 'coco/bbox_mAP_s',
+    'coco/bbox_mAP_m', 'coco/bbox_mAP_l'
+}
 
 
 def _test_metrics(work_dir) -> dict:
@@ -66,11 +68,17 @@ def test_train_resume_test(config, resume_explicitly, toy_coco, tmp_path):
 
 def test_dist_train_two_cpu_processes(toy_coco, tmp_path):
     work_dir = tmp_path / 'ddp'
-    out = run_ok('bash', 'tools/dist_train.sh', TOY_FASTER_RCNN, 2,
-                 '--work-dir', work_dir, '--cfg-options',
-                 *toy_options(TOY_FASTER_RCNN, toy_coco),
-                 'train_dataloader.batch_size=2',
-                 env={'PORT': str(free_port())})
+    out = run_ok(
+        'bash',
+        'tools/dist_train.sh',
+        TOY_FASTER_RCNN,
+        2,
+        '--work-dir',
+        work_dir,
+        '--cfg-options',
+        *toy_options(TOY_FASTER_RCNN, toy_coco),
+        'train_dataloader.batch_size=2',
+        env={'PORT': str(free_port())})
     assert 'Distributed training: True' in out
     # 8 images / (2 processes x 2 per batch) = 2 iterations per epoch
     assert 'Epoch(train) [1][2/2]' in out and 'coco/bbox_mAP' in out

@@ -21,14 +21,14 @@ def test_same_arguments_same_files(tmp_path):
         assert _load(first, split) == _load(second, split)
         assert _load(first, split) != _load(other, split)
         for path in (first / split).iterdir():
-            assert path.read_bytes() == (second / split / path.name
-                                         ).read_bytes()
+            assert path.read_bytes() == (second / split /
+                                         path.name).read_bytes()
     assert _load(first, 'train') != _load(first, 'val')
 
 
 def test_annotations_describe_the_images(tmp_path):
-    root = make_toy_coco(tmp_path / 'toy', num_train=20, num_val=2,
-                         img_size=96)
+    root = make_toy_coco(
+        tmp_path / 'toy', num_train=20, num_val=2, img_size=96)
     coco = _load(root, 'train')
     assert [c['name'] for c in coco['categories']] == list(CLASSES)
     assert len(coco['images']) == 20

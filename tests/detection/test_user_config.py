@@ -30,8 +30,8 @@ def test_user_config_predicts_and_matches_its_plain_twin(tmp_path, toy_coco):
     plain = init_detector(_load(tmp_path / 'plain.py'), device='cpu')
     assert type(model.backbone).__name__ == 'AIKResNet'
     assert any(isinstance(m, AIKConv2d) for m in model.backbone.modules())
-    missing, unexpected = plain.load_state_dict(model.state_dict(),
-                                                strict=False)
+    missing, unexpected = plain.load_state_dict(
+        model.state_dict(), strict=False)
     assert not missing and all('.generator.' in k for k in unexpected)
 
     image = str(toy_coco / 'val' / '000000.png')
@@ -42,6 +42,6 @@ def test_user_config_predicts_and_matches_its_plain_twin(tmp_path, toy_coco):
 
     with torch.no_grad():
         image = torch.rand(1, 3, 128, 128)
-        for got, want in zip(model.extract_feat(image),
-                             plain.extract_feat(image)):
+        for got, want in zip(
+                model.extract_feat(image), plain.extract_feat(image)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -41,10 +41,18 @@ def polygon(shape: str, x: int, y: int, side: int) -> list:
             for i in range(32)]
 
 
+def apart(a: tuple, b: tuple, gap: int = 2) -> bool:
+    """Whether square boxes ``a`` and ``b``, (x, y, side), are ``gap``
+    pixels apart."""
+    (ax, ay, a_side), (bx, by, b_side) = a, b
+    return (ax + a_side + gap <= bx or bx + b_side + gap <= ax
+            or ay + a_side + gap <= by or by + b_side + gap <= ay)
+
+
 def place_boxes(rng: np.random.Generator, img_size: int, min_side: int,
                 max_side: int, max_objects: int) -> list:
-    """Up to ``max_objects`` square boxes (x, y, side) inside the image that
-    keep a 2-pixel gap from each other."""
+    """Up to ``max_objects`` square boxes (x, y, side) inside the image,
+    apart from each other."""
     boxes = []
     target = rng.integers(1, max_objects + 1)
     for _ in range(50 * max_objects):
@@ -52,8 +60,7 @@ def place_boxes(rng: np.random.Generator, img_size: int, min_side: int,
             break
         side = int(rng.integers(min_side, max_side + 1))
         x, y = (int(v) for v in rng.integers(0, img_size - side + 1, 2))
-        if all(x + side + 2 <= bx or bx + bs + 2 <= x or y + side + 2 <= by
-               or by + bs + 2 <= y for bx, by, bs in boxes):
+        if all(apart((x, y, side), box) for box in boxes):
             boxes.append((x, y, side))
     return boxes
 
@@ -71,8 +78,8 @@ def draw_scene(rng: np.random.Generator, img_size: int, min_side: int,
                                   max_objects):
         label = int(rng.integers(len(CLASSES)))
         outline = polygon(CLASSES[label], x, y, side)
-        colour = np.clip(np.array(COLOURS[label]) + rng.integers(-25, 26, 3),
-                         0, 255)
+        colour = np.clip(
+            np.array(COLOURS[label]) + rng.integers(-25, 26, 3), 0, 255)
         draw.polygon(outline, fill=tuple(int(c) for c in colour))
         objects.append((label, outline, (x, y, side, side)))
     return img, objects
@@ -95,23 +102,32 @@ def write_split(root: Path, split: str, count: int, img_size: int,
         img, objects = draw_scene(rng, img_size, min_side, max_side, 4)
         file_name = f'{index:06d}.png'
         img.save(root / split / file_name)
-        images.append(dict(id=index, file_name=file_name, width=img_size,
-                           height=img_size))
+        images.append(
+            dict(
+                id=index, file_name=file_name, width=img_size,
+                height=img_size))
         for label, outline, box in objects:
             annotations.append(
-                dict(id=len(annotations) + 1, image_id=index,
-                     category_id=label + 1, bbox=list(box),
-                     area=polygon_area(outline), iscrowd=0,
-                     segmentation=[[round(v, 2) for xy in outline
-                                    for v in xy]]))
+                dict(
+                    id=len(annotations) + 1,
+                    image_id=index,
+                    category_id=label + 1,
+                    bbox=list(box),
+                    area=polygon_area(outline),
+                    iscrowd=0,
+                    segmentation=[[round(v, 2) for xy in outline
+                                   for v in xy]]))
     categories = [dict(id=i + 1, name=name) for i, name in enumerate(CLASSES)]
+    coco = dict(images=images, annotations=annotations, categories=categories)
     with open(root / 'annotations' / f'{split}.json', 'w') as f:
-        json.dump(dict(images=images, annotations=annotations,
-                       categories=categories), f)
+        json.dump(coco, f)
 
 
-def make_toy_coco(out: str, num_train: int = 400, num_val: int = 100,
-                  img_size: int = 128, seed: int = 0) -> Path:
+def make_toy_coco(out: str,
+                  num_train: int = 400,
+                  num_val: int = 100,
+                  img_size: int = 128,
+                  seed: int = 0) -> Path:
     """Write the dataset to ``out`` unless it is already there; return it."""
     root = Path(out)
     if all((root / 'annotations' / f'{s}.json').is_file() for s in SPLITS):
@@ -137,8 +153,8 @@ def main():
     parser.add_argument('out', help='output folder, e.g. data/toy_coco')
     parser.add_argument('--num-train', type=int, default=400)
     parser.add_argument('--num-val', type=int, default=100)
-    parser.add_argument('--img-size', type=int, default=128,
-                        help='image side in pixels')
+    parser.add_argument(
+        '--img-size', type=int, default=128, help='image side in pixels')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     try:

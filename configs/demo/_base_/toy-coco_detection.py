@@ -1,6 +1,7 @@
 # The toy COCO-format shapes dataset (3 classes, 128x128 images) with a short
 # CPU schedule, shared by the toy detectors in configs/demo/. Make the data
-# first (tools/demo.sh does it): python tools/misc/make_toy_coco.py data/toy_coco
+# first (tools/demo.sh does it):
+#   python tools/misc/make_toy_coco.py data/toy_coco
 _base_ = 'mmdet::_base_/default_runtime.py'
 
 dataset_type = 'CocoDataset'
@@ -55,7 +56,8 @@ val_dataloader = dict(
         pipeline=test_pipeline))
 test_dataloader = val_dataloader
 val_evaluator = dict(
-    type='CocoMetric', ann_file=data_root + 'annotations/val.json',
+    type='CocoMetric',
+    ann_file=data_root + 'annotations/val.json',
     metric='bbox')
 test_evaluator = val_evaluator
 
