@@ -16,6 +16,7 @@ import os.path as osp
 from mmengine.config import Config
 from mmengine.evaluator import DumpResults
 
+import mmdynconv  # noqa: F401  (registers the AIK layer and backbones)
 from train import (add_common_args, build_runner, check_inputs, fail,
                    load_config, setup_cpu_distributed)
 
