@@ -5,8 +5,10 @@ forward (eval, no grad) and forward+backward (train), and measures the bytes
 autograd keeps for backward (unique storages seen by saved_tensors_hooks) and
 the peak memory allocated during forward+backward (profiler memory events).
 Rows: (a) nn.Conv2d, (b) the whole AIKConv2d layer (generator included),
-(c) the same layer on the reference op path, (d) mmcv's DCNv2
-(ModulatedDeformConv2dPack), (e) a CondConv/DyConv-style 4-expert dynamic conv.
+(b') the AIK op alone with the attention given as a parameter (the
+difference to (b) is the generator's share), (c) the whole layer on the
+reference op path, (d) mmcv's DCNv2 (ModulatedDeformConv2dPack), (e) a
+CondConv/DyConv-style 4-expert dynamic conv.
 Ratios are to (a), measured in this one process.
 
 Multiply-adds: every nn.Conv2d / nn.Linear call inside a layer is counted by a
@@ -46,6 +48,20 @@ class ReferenceAIKConv2d(AIKConv2d):
                           self.groups, impl='reference')
 
 
+class GivenAttentionAIK(nn.Module):
+    """The AIK op alone: static kernel and attention are both parameters."""
+
+    def __init__(self, channels, stride, size, batch):
+        super().__init__()
+        self.stride = stride
+        out_size = (size - 1) // stride + 1
+        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3) * 0.05)
+        self.attn = nn.Parameter(2 * torch.rand(batch, 1, 9, out_size, out_size))
+
+    def forward(self, x):
+        return aik_conv2d(x, self.attn, self.weight, None, self.stride, 1)
+
+
 class DynamicConv4(nn.Module):
     """CondConv/DyConv-style: a per-sample softmax mix of 4 expert kernels."""
 
@@ -66,10 +82,11 @@ class DynamicConv4(nn.Module):
         return out.view(batch, -1, *out.shape[2:])
 
 
-def build_layers(channels, stride):
+def build_layers(channels, size, stride, batch):
     layers = {
         'nn.Conv2d': nn.Conv2d(channels, channels, 3, stride, 1, bias=False),
         'AIK layer': AIKConv2d(channels, channels, 3, stride, 1, bias=False),
+        'AIK op, A given': GivenAttentionAIK(channels, stride, size, batch),
         'AIK reference': ReferenceAIKConv2d(channels, channels, 3, stride, 1,
                                             bias=False),
         'CondConv-4': DynamicConv4(channels, stride),
@@ -103,8 +120,10 @@ def count_macs(layer, x):
         hook.remove()
     batch, channels = x.shape[:2]
     taps, positions = 9, out.shape[2] * out.shape[3]
-    if isinstance(layer, AIKConv2d):
+    if isinstance(layer, (AIKConv2d, GivenAttentionAIK)):
         total += batch * channels * taps * positions
+    if isinstance(layer, GivenAttentionAIK):
+        total += out.numel() * channels * taps  # the aggregation
     elif isinstance(layer, DynamicConv4):
         total += out.numel() * channels * taps  # the grouped conv
         total += batch * layer.experts.numel()
@@ -161,7 +180,7 @@ def peak_bytes(fn):
 
 def bench_shape(channels, size, stride, batch, runs):
     torch.manual_seed(0)
-    layers = build_layers(channels, stride)
+    layers = build_layers(channels, size, stride, batch)
     x = torch.randn(batch, channels, size, size)
     rows = []
     for name, layer in layers.items():
