@@ -31,35 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aik_rows import SHAPES, AIKOp, aik_layer, saved_bytes
 from mmdynconv.cnn import AIKConv2d
-from mmdynconv.ops import aik_conv2d
-
-# (in = out channels, input size, stride) of ResNet-50's 3x3 convolutions
-SHAPES = [(64, 56, 1), (128, 28, 1), (256, 14, 1), (512, 7, 1),
-          (128, 56, 2), (256, 28, 2), (512, 14, 2)]
-
-
-class ReferenceAIKConv2d(AIKConv2d):
-    """The AIK layer running the plain unfold reference op."""
-
-    def forward(self, x):
-        return aik_conv2d(x, self.attention(x), self.weight, self.bias,
-                          self.stride, self.padding, self.dilation,
-                          self.groups, impl='reference')
-
-
-class GivenAttentionAIK(nn.Module):
-    """The AIK op alone: static kernel and attention are both parameters."""
-
-    def __init__(self, channels, stride, size, batch):
-        super().__init__()
-        self.stride = stride
-        out_size = (size - 1) // stride + 1
-        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3) * 0.05)
-        self.attn = nn.Parameter(2 * torch.rand(batch, 1, 9, out_size, out_size))
-
-    def forward(self, x):
-        return aik_conv2d(x, self.attn, self.weight, None, self.stride, 1)
 
 
 class DynamicConv4(nn.Module):
@@ -86,9 +59,10 @@ def build_layers(channels, size, stride, batch):
     layers = {
         'nn.Conv2d': nn.Conv2d(channels, channels, 3, stride, 1, bias=False),
         'AIK layer': AIKConv2d(channels, channels, 3, stride, 1, bias=False),
-        'AIK op, A given': GivenAttentionAIK(channels, stride, size, batch),
-        'AIK reference': ReferenceAIKConv2d(channels, channels, 3, stride, 1,
-                                            bias=False),
+        'AIK op, A given': AIKOp(channels, stride, batch,
+                                 ((size - 1) // stride + 1, ) * 2),
+        'AIK reference': aik_layer('reference')(channels, channels, 3, stride,
+                                                1, bias=False),
         'CondConv-4': DynamicConv4(channels, stride),
     }
     try:
@@ -120,9 +94,9 @@ def count_macs(layer, x):
         hook.remove()
     batch, channels = x.shape[:2]
     taps, positions = 9, out.shape[2] * out.shape[3]
-    if isinstance(layer, (AIKConv2d, GivenAttentionAIK)):
+    if isinstance(layer, (AIKConv2d, AIKOp)):
         total += batch * channels * taps * positions
-    if isinstance(layer, GivenAttentionAIK):
+    if isinstance(layer, AIKOp):
         total += out.numel() * channels * taps  # the aggregation
     elif isinstance(layer, DynamicConv4):
         total += out.numel() * channels * taps  # the grouped conv
@@ -142,20 +116,6 @@ def median_seconds(fn, runs, warmup=3):
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def saved_bytes(layer, x):
-    """Bytes of the unique storages autograd keeps for backward."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x)
-    del out
-    return sum(storages.values())
 
 
 def peak_bytes(fn):
@@ -201,7 +161,7 @@ def bench_shape(channels, size, stride, batch, runs):
             dict(name=name,
                  fwd=fwd,
                  fwd_bwd=fwd_bwd,
-                 saved=saved_bytes(layer, x_grad),
+                 saved=saved_bytes(lambda: layer(x_grad)),
                  peak=peak_bytes(forward_backward),
                  params=sum(p.numel() for p in layer.parameters()),
                  macs=count_macs(layer.eval(), x)))

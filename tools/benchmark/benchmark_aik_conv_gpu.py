@@ -36,6 +36,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from aik_rows import SHAPES, AIKOp, aik_layer, saved_bytes
 from mmdynconv.ops import aik_conv2d
 
 try:
@@ -43,41 +44,9 @@ try:
 except ImportError as error:  # mmcv missing: op-level rows only
     AIKConv2d, LAYER_IMPORT_ERROR = None, error
 
-# (in = out channels, input size, stride) of ResNet-50's 3x3 convolutions
-SHAPES = [(64, 56, 1), (128, 28, 1), (256, 14, 1), (512, 7, 1),
-          (128, 56, 2), (256, 28, 2), (512, 14, 2)]
 TARGET_TIME, TARGET_SAVED = 1.3, 1.2
 # max |error| / max |reference| allowed by the correctness check
 TOLERANCE = {'fp32': 1e-5, 'tf32': 5e-3, 'bf16': 2e-2}
-
-
-class AIKOp(nn.Module):
-    """The AIK op alone: static kernel and attention are parameters."""
-
-    def __init__(self, channels, stride, batch, out_size, impl='triton'):
-        super().__init__()
-        self.stride, self.impl = stride, impl
-        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3) /
-                                   (9 * channels)**0.5)
-        self.attn = nn.Parameter(2 * torch.rand(batch, 1, 9, *out_size))
-
-    def forward(self, x):
-        return aik_conv2d(x, self.attn, self.weight, None, self.stride, 1,
-                          impl=self.impl)
-
-
-def aik_layer(impl):
-    """AIKConv2d subclass whose op runs on the given implementation."""
-
-    class Layer(AIKConv2d):
-
-        def forward(self, x):
-            return aik_conv2d(x, self.attention(x), self.weight, self.bias,
-                              self.stride, self.padding, self.dilation,
-                              self.groups, impl=impl)
-
-    Layer.__name__ = f'AIKConv2d_{impl}'
-    return Layer
 
 
 def build_rows(channels, size, stride, batch):
@@ -86,7 +55,7 @@ def build_rows(channels, size, stride, batch):
     rows = {
         'nn.Conv2d (cuDNN)': nn.Conv2d(channels, channels, 3, stride, 1,
                                        bias=False),
-        'AIK op, triton': AIKOp(channels, stride, batch, out_size),
+        'AIK op, triton': AIKOp(channels, stride, batch, out_size, 'triton'),
     }
     if AIKConv2d is not None:
         for impl in ('triton', 'torch'):
@@ -246,22 +215,6 @@ class Timer:
                 statistics.median(host) * 1e3)
 
 
-def saved_bytes(module, x, autocast):
-    """Bytes of the unique storages autograd keeps for backward."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with autocast(), torch.autograd.graph.saved_tensors_hooks(
-            pack, lambda t: t):
-        out = module(x)
-    del out
-    return sum(storages.values())
-
-
 def peak_bytes(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -269,6 +222,11 @@ def peak_bytes(fn):
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def _forward_under(autocast, module, x):
+    with autocast():
+        return module(x)
 
 
 def measure(module, x, grad_out, autocast, timer):
@@ -292,7 +250,7 @@ def measure(module, x, grad_out, autocast, timer):
     module.zero_grad(set_to_none=True)
     x_grad.grad = None
     return dict(fwd=fwd, fwd_bwd=fwd_bwd, host=host,
-                saved=saved_bytes(module, x_grad, autocast),
+                saved=saved_bytes(lambda: _forward_under(autocast, module, x_grad)),
                 peak=peak_bytes(forward_backward))
 
 
