@@ -147,16 +147,22 @@ def _grouped_weight(weight: Tensor, groups: int) -> Tensor:
     return weight.reshape(groups, weight.shape[0] // groups, -1)
 
 
+def in_layout_of(t: Tensor, input: Tensor) -> Tensor:
+    """t in input's memory layout: channels_last when input is (and is not
+    also plain contiguous), else contiguous; no copy when t already is."""
+    channels_last = input.is_contiguous(
+        memory_format=torch.channels_last) and not input.is_contiguous()
+    return t.contiguous(memory_format=torch.channels_last
+                        if channels_last else torch.contiguous_format)
+
+
 def _to_output(out: Tensor, input: Tensor, geo: ConvGeometry,
                bias: Optional[Tensor]) -> Tensor:
     """(B, groups, O/groups, L) -> (B, O, H_out, W_out) in input's layout."""
     out = out.reshape(out.shape[0], -1, *geo.out_size)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
-    if input.is_contiguous(memory_format=torch.channels_last) \
-            and not input.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return in_layout_of(out, input)
 
 
 def aik_conv2d_reference(input: Tensor, attn: Tensor, weight: Tensor,
@@ -302,11 +308,7 @@ class AIKConv2dFunction(torch.autograd.Function):
         out = out.transpose(0, 1).reshape(layout.batch, *geo.out_size, -1)
         if bias is not None:
             out = out + bias
-        out = out.permute(0, 3, 1, 2)
-        if not input.is_contiguous(memory_format=torch.channels_last) \
-                or input.is_contiguous():
-            out = out.contiguous()
-        return out
+        return in_layout_of(out.permute(0, 3, 1, 2), input)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -353,11 +355,9 @@ class AIKConv2dFunction(torch.autograd.Function):
                     grad_windows[:, :, :, :, :, i, j].add_(
                         grad_patches[:, :, :, :, :, i, j])
             (ph, pw), (h, w) = geo.padding, input.shape[2:]
-            grad_input = grad_padded[:, ph:ph + h, pw:pw + w].permute(
-                0, 3, 1, 2)
-            if not input.is_contiguous(memory_format=torch.channels_last) \
-                    or input.is_contiguous():
-                grad_input = grad_input.contiguous()
+            grad_input = in_layout_of(
+                grad_padded[:, ph:ph + h, pw:pw + w].permute(0, 3, 1, 2),
+                input)
         if ctx.has_bias and need_bias:
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_input, grad_attn, grad_weight, grad_bias, None
@@ -402,15 +402,13 @@ def aik_conv2d(input: Tensor,
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        input, attn, weight = (t.to(dtype) for t in (input, attn, weight))
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            return _run(impl, input, attn, weight, bias, geo)
-    dtype = torch.promote_types(torch.promote_types(input.dtype, attn.dtype),
-                                weight.dtype)
+    else:
+        dtype = torch.promote_types(
+            torch.promote_types(input.dtype, attn.dtype), weight.dtype)
     input, attn, weight = (t.to(dtype) for t in (input, attn, weight))
     bias = None if bias is None else bias.to(dtype)
-    return _run(impl, input, attn, weight, bias, geo)
+    with torch.autocast(device_type, enabled=False):
+        return _run(impl, input, attn, weight, bias, geo)
 
 
 def _default_impl(input: Tensor) -> str:

@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .aik_conv2d import AIKConv2dFunction, ConvGeometry
+from .aik_conv2d import AIKConv2dFunction, ConvGeometry, in_layout_of
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -365,17 +365,6 @@ def _new_nhwc(like: Tensor, channels: int, height: int,
                   like.dtype).permute(0, 3, 1, 2)
 
 
-def _is_channels_last(input: Tensor) -> bool:
-    """Whether results follow channels_last (else contiguous), as the torch
-    path decides."""
-    return input.is_contiguous(memory_format=torch.channels_last) \
-        and not input.is_contiguous()
-
-
-def _in_layout(out: Tensor, channels_last: bool) -> Tensor:
-    return out if channels_last else out.contiguous()
-
-
 def _conv_args(geo: ConvGeometry) -> dict:
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (geo.kernel_size, geo.stride,
                                               geo.padding, geo.dilation)
@@ -426,7 +415,7 @@ def _forward(input: Tensor, attn: Tensor, weight: Tensor,
         *x.stride(), *attn.stride(), *w_tap.stride(), *out.stride(),
         **_conv_args(geo), HAS_BIAS=bias is not None,
         PRECISION=_precision(input.dtype), **tiles)
-    return _in_layout(out, _is_channels_last(input))
+    return in_layout_of(out, input)
 
 
 def _backward_data(grad_out: Tensor, x: Tensor, attn: Tensor,
@@ -523,7 +512,7 @@ class AIKConv2dTriton(torch.autograd.Function):
                                                    weight, ctx.geo,
                                                    need_input, need_attn)
         if need_input:
-            grad_input = _in_layout(grad_input, _is_channels_last(input))
+            grad_input = in_layout_of(grad_input, input)
         if need_weight:
             grad_weight = _backward_weight(grad_out_nhwc, x, attn, weight,
                                            ctx.geo)
