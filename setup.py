@@ -1,5 +1,12 @@
 from setuptools import find_packages, setup
 
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError as error:
+    raise SystemExit('mmdynconv compiles a CPU extension against torch: install '
+                     'torch first, then install mmdynconv with '
+                     '--no-build-isolation') from error
+
 
 def read_version():
     namespace = {}
@@ -21,5 +28,14 @@ setup(
     # pins live in requirements/ and are installed by tools/setup_env.sh.
     install_requires=['torch>=2.0', 'mmengine>=0.10.0', 'mmcv>=2.0.0,<2.2.0',
                       'mmdet>=3.0.0', 'mmpretrain>=1.0.0'],
+    # Built on the machine that runs it, hence -march=native; OpenMP is the
+    # one torch already loaded (its libgomp.so.1).
+    ext_modules=[
+        CppExtension(
+            'mmdynconv.ops._aik_cpu', ['mmdynconv/ops/csrc/aik_conv2d_cpu.cpp'],
+            extra_compile_args=['-O3', '-march=native', '-fopenmp'],
+            extra_link_args=['-fopenmp'])
+    ],
+    cmdclass={'build_ext': BuildExtension},
     license='Apache-2.0',
 )

@@ -15,7 +15,8 @@ MMCV_VERSION=2.1.0
 STAMP="$VENV/.mmdynconv-setup"
 
 fingerprint() {
-  cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1
+  cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "${BASH_SOURCE[0]}" "$ROOT"/mmdynconv/ops/csrc/* \
+    | sha256sum | cut -d' ' -f1
 }
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(fingerprint)" ]]; then
@@ -56,9 +57,10 @@ fi
 log "installing the cached mmcv wheel and the rest of the stack"
 "${PIP[@]}" "$MMCV_WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl
 "${PIP[@]}" -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
+log "installing mmdynconv (compiles its CPU extension, about a minute)"
 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 
-"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpretrain, mmdynconv' \
+"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpretrain, mmdynconv.ops._aik_cpu' \
   || { log "the installed stack does not import"; exit 1; }
 fingerprint > "$STAMP"
 log "done"

@@ -7,14 +7,17 @@
 position; the C input channels are split into G attention groups
 (``a(c) = c // (C / G)``) that share it.
 
-Two CPU/GPU implementations in plain torch:
+Two implementations in plain torch, for any device:
 
 * ``'reference'``: unfold, multiply, contract; differentiated by autograd,
   which keeps the K-times larger unfolded input alive for backward.
-* ``'torch'`` (default): the same arithmetic inside a custom autograd function
-  that saves only (input, attn, weight) and recomputes the unfolded input in
+* ``'torch'``: the same arithmetic inside a custom autograd function that
+  saves only (input, attn, weight) and recomputes the unfolded input in
   backward, so the memory kept for backward is that of a plain convolution
   plus the attention.
+
+and two fused ones, the defaults where they apply: ``'cpp'`` on CPU
+(``aik_conv2d_cpp.py``) and ``'triton'`` on GPU (``aik_conv2d_triton.py``).
 """
 from importlib.util import find_spec
 from typing import NamedTuple, Optional, Tuple, Union
@@ -25,7 +28,7 @@ from torch import Tensor
 
 IntPair = Union[int, Tuple[int, int]]
 
-IMPLEMENTATIONS = ('triton', 'torch', 'reference')
+IMPLEMENTATIONS = ('triton', 'cpp', 'torch', 'reference')
 
 
 def _pair(value: IntPair, name: str) -> Tuple[int, int]:
@@ -383,9 +386,11 @@ def aik_conv2d(input: Tensor,
         stride, padding, dilation: int or (h, w) pair, as in ``F.conv2d``.
         groups: convolution groups, as in ``F.conv2d``.
         impl: ``None`` picks ``'triton'`` for CUDA tensors when Triton is
-            importable and ``'torch'`` otherwise; ``'triton'``, ``'torch'``
-            or ``'reference'`` forces one (``'triton'`` runs on CPU tensors
-            only under ``TRITON_INTERPRET=1``).
+            importable, ``'cpp'`` for CPU tensors when the extension is
+            built, and ``'torch'`` otherwise; ``'triton'``, ``'cpp'``,
+            ``'torch'`` or ``'reference'`` forces one (``'triton'`` runs on
+            CPU tensors only under ``TRITON_INTERPRET=1``). The fused paths
+            hand the cases they do not cover to ``'torch'``.
 
     Returns:
         (B, O, H_out, W_out), channels_last when ``input`` is.
@@ -412,9 +417,10 @@ def aik_conv2d(input: Tensor,
 
 
 def _default_impl(input: Tensor) -> str:
-    if input.is_cuda and find_spec('triton') is not None:
-        return 'triton'
-    return 'torch'
+    if input.is_cuda:
+        return 'triton' if find_spec('triton') is not None else 'torch'
+    from .aik_conv2d_cpp import AVAILABLE
+    return 'cpp' if AVAILABLE and input.device.type == 'cpu' else 'torch'
 
 
 def _run(impl: str, input: Tensor, attn: Tensor, weight: Tensor,
@@ -424,4 +430,7 @@ def _run(impl: str, input: Tensor, attn: Tensor, weight: Tensor,
     if impl == 'triton':
         from .aik_conv2d_triton import aik_conv2d_triton
         return aik_conv2d_triton(input, attn, weight, bias, geo)
+    if impl == 'cpp':
+        from .aik_conv2d_cpp import aik_conv2d_cpp
+        return aik_conv2d_cpp(input, attn, weight, bias, geo)
     return AIKConv2dFunction.apply(input, attn, weight, bias, geo)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mmdynconv.ops import aik_conv2d
 
-IMPLS = ('torch', 'reference')
+IMPLS = ('cpp', 'torch', 'reference')
 
 
 def loop_reference(x, attn, weight, bias, stride, padding, dilation, groups):
@@ -100,8 +100,9 @@ def test_gradients_match_reference_with_dilation_and_rect_kernel():
         out.backward(torch.linspace(-1, 1, out.numel(),
                                     dtype=out.dtype).view_as(out))
         grads[impl] = [t.grad for t in inputs]
-    for fast, ref in zip(grads['torch'], grads['reference']):
-        torch.testing.assert_close(fast, ref)
+    for impl in ('cpp', 'torch'):
+        for fast, ref in zip(grads[impl], grads['reference']):
+            torch.testing.assert_close(fast, ref)
 
 
 def test_float32_close_to_float64():
@@ -195,7 +196,7 @@ def test_fast_path_saves_only_inputs():
     (dict(groups=3), r'groups=3 must divide the input channels C=4'),
     (dict(bias=(5, )), r'bias must have shape \(6,\), got shape \(5,\)'),
     (dict(stride=(1, 2, 3)), r'stride must be an int or a pair'),
-    (dict(impl='cuda'), r"impl must be one of \('triton', 'torch', 'reference'\)"),
+    (dict(impl='cuda'), r"impl must be one of \('triton', 'cpp', 'torch', 'reference'\)"),
 ])
 def test_errors_name_the_argument(kwargs, match):
     shapes = dict(x=(2, 4, 8, 8), attn=(2, 1, 9, 8, 8), weight=(6, 4, 3, 3),

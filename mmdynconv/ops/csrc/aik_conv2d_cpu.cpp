@@ -1,0 +1,450 @@
+// AIK convolution on CPU, groups == 1, contiguous NCHW tensors throughout
+// (see aik_conv2d_cpp.py for the Python side).
+//
+//   y[b, o, u] = sum_{c, t} w[o, c, t] * attn[b, a(c), t, u] * x[b, c, s*u - p + d*delta_t]
+//
+// The output positions of each image are cut into tiles of whole output rows.
+// For a tile of R positions the attention-modulated patch matrix
+// P (C*K x R), P[c*K + t, r] = attn[b, a(c), t, r] * x[b, c, window(r, t)], is
+// built in a buffer and contracted with the weight, viewed as (O x C*K), by one
+// GEMM that writes the tile's columns of y[b] (O x H_out*W_out) in place. No
+// K-times-larger tensor of the whole batch is ever built, and no operand is
+// transposed or copied. Backward, per tile: one GEMM gives the patch gradient
+// Q = w^T dy (C*K x R); one fused pass turns it into the attention gradient
+// and the input gradient; the rebuilt P feeds one GEMM, dy P^T, into the
+// weight gradient.
+//
+// Two schedules:
+// * many small tiles (thin layers with large maps): tiles run in parallel,
+//   one per thread, each small enough for its buffers to stay in that core's
+//   cache; the weight gradient goes to per-thread partials;
+// * one image per tile (wide layers with small maps, whose weight is too big
+//   to re-read per small tile): tiles run one after another, each GEMM on all
+//   threads, the element-wise passes in parallel over bands of output rows.
+// Input-gradient passes that run at the same time must not touch the same
+// input row: they take bands of output rows in two phases, even then odd
+// bands, with each band tall enough that bands two apart read disjoint rows.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t batch, channels, height, width;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t out_h, out_w, attn_groups;
+
+  int64_t taps() const { return kh * kw; }
+  int64_t cols() const { return channels * taps(); }
+  int64_t positions() const { return out_h * out_w; }
+  // Output columns ow whose tap column j reads inside the input: [lo, hi).
+  int64_t ow_begin(int64_t j) const {
+    const int64_t first = pw - j * dw;  // iw = ow*sw - first >= 0
+    return first <= 0 ? 0 : std::min(out_w, (first + sw - 1) / sw);
+  }
+  int64_t ow_end(int64_t j) const {
+    const int64_t limit = width - 1 + pw - j * dw;  // iw <= width - 1
+    return limit < 0 ? 0 : std::min(out_w, limit / sw + 1);
+  }
+};
+
+// Output rows oh0 <= oh < oh1 of image b; index counts the bands of the image.
+struct Band {
+  int64_t b, oh0, oh1, index;
+};
+
+// A tile is a band; its element-wise passes may be split into sub-bands.
+struct Tile {
+  Band band;
+  std::vector<Band> parts;
+};
+
+struct Schedule {
+  std::vector<Tile> tiles;
+  bool parallel_tiles;
+  int64_t tile_elements, part_elements;  // matrix elements of a (typical) tile and part
+  int64_t thread_elements;                // work below which another thread costs more than it saves
+  int64_t max_positions(const Geometry& g) const {
+    int64_t rows = 0;
+    for (const auto& tile : tiles) rows = std::max(rows, tile.band.oh1 - tile.band.oh0);
+    return rows * g.out_w;
+  }
+};
+
+// Patch-matrix elements per cache-resident tile buffer: 128 Ki (512 KiB in
+// float32), so that the two backward buffers of a thread stay within its L2.
+constexpr int64_t kTileElements = 1 << 17;
+// Tiles per thread below which tiles are too few to balance across threads.
+constexpr int64_t kTilesPerThread = 4;
+
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& attn, at::IntArrayRef kernel,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "x must be a contiguous (B, C, H, W) tensor");
+  TORCH_CHECK(attn.dim() == 5 && attn.is_contiguous(),
+              "attn must be a contiguous (B, G, K, H_out, W_out) tensor");
+  Geometry g{x.size(0),  x.size(1),  x.size(2),  x.size(3),  kernel[0],    kernel[1],
+             stride[0],  stride[1],  padding[0], padding[1], dilation[0], dilation[1],
+             attn.size(3), attn.size(4), attn.size(1)};
+  TORCH_CHECK(attn.size(0) == g.batch && attn.size(2) == g.taps() && g.channels % g.attn_groups == 0,
+              "attn does not match x and the kernel");
+  return g;
+}
+
+// Bands of `height` output rows (at least the input-gradient minimum) of image b.
+// The minimum leaves one spare input row between bands two apart, which the
+// flat runs of scatter_patch_grad may touch (adding zero) at their ends.
+std::vector<Band> make_bands(const Geometry& g, int64_t b, int64_t height) {
+  const int64_t min_height = (g.dh * (g.kh - 1) + g.sh - 1) / g.sh + 1;
+  height = std::min(g.out_h, std::max(min_height, height));
+  std::vector<Band> bands;
+  for (int64_t oh = 0, k = 0; oh < g.out_h; oh += height, ++k) {
+    bands.push_back({b, oh, std::min(oh + height, g.out_h), k});
+  }
+  return bands;
+}
+
+// tile_elements: the patch-matrix budget of a parallel tile; it also decides
+// between the two schedules. thread_elements: see Schedule.
+Schedule make_schedule(const Geometry& g, int64_t tile_elements, int64_t thread_elements) {
+  const int64_t tile_positions = std::max<int64_t>(1, tile_elements / g.cols());
+  const int64_t threads = at::get_num_threads();
+  Schedule schedule;
+  schedule.thread_elements = thread_elements;
+  schedule.parallel_tiles =
+      g.batch * g.positions() >= kTilesPerThread * threads * tile_positions;
+  for (int64_t b = 0; b < g.batch; ++b) {
+    if (schedule.parallel_tiles) {
+      for (const Band& band : make_bands(g, b, (tile_positions + g.out_w - 1) / g.out_w)) {
+        schedule.tiles.push_back({band, {band}});
+      }
+    } else {
+      schedule.tiles.push_back({{b, 0, g.out_h, 0}, make_bands(g, b, 1)});
+    }
+  }
+  const Tile& first = schedule.tiles.front();
+  schedule.tile_elements = (first.band.oh1 - first.band.oh0) * g.out_w * g.cols();
+  schedule.part_elements = (first.parts[0].oh1 - first.parts[0].oh0) * g.out_w * g.cols();
+  return schedule;
+}
+
+// Calls fn(i, thread) for 0 <= i < count in parallel, giving each thread at
+// least the schedule's thread_elements matrix elements (an item has
+// `elements`); with two
+// phases, first for the i of even parity(i), then for the odd ones. Worker
+// threads do not inherit the caller's autograd state, so GEMMs run by fn are
+// dispatched below autograd.
+template <typename Parity, typename Fn>
+void parallel_in_phases(const Schedule& schedule, int64_t count, int64_t elements, bool two_phases,
+                        const Parity& parity, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, schedule.thread_elements / std::max<int64_t>(1, elements));
+  for (int64_t phase = 0; phase < (two_phases ? 2 : 1); ++phase) {
+    std::vector<int64_t> active;
+    for (int64_t i = 0; i < count; ++i) {
+      if (!two_phases || parity(i) == phase) active.push_back(i);
+    }
+    at::parallel_for(0, static_cast<int64_t>(active.size()), grain, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t i = begin; i < end; ++i) fn(active[i], at::get_thread_num());
+    });
+  }
+}
+
+// Runs tile_fn(tile, thread) over the tiles: in parallel (two phases for
+// input-gradient passes) or one after another as thread 0.
+template <typename Fn>
+void for_each_tile(const Schedule& schedule, bool two_phases, const Fn& tile_fn) {
+  if (!schedule.parallel_tiles) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (const Tile& tile : schedule.tiles) tile_fn(tile, 0);
+    return;
+  }
+  parallel_in_phases(
+      schedule, static_cast<int64_t>(schedule.tiles.size()), schedule.tile_elements, two_phases,
+      [&](int64_t i) { return schedule.tiles[i].band.index % 2; },
+      [&](int64_t i, int64_t thread) { tile_fn(schedule.tiles[i], thread); });
+}
+
+// Runs part_fn(part) over the tile's parts, in parallel unless the tiles
+// themselves run in parallel.
+template <typename Fn>
+void for_each_part(const Schedule& schedule, const Tile& tile, bool two_phases, const Fn& part_fn) {
+  if (schedule.parallel_tiles) {
+    for (const Band& part : tile.parts) part_fn(part);
+    return;
+  }
+  parallel_in_phases(
+      schedule, static_cast<int64_t>(tile.parts.size()), schedule.part_elements, two_phases,
+      [&](int64_t i) { return tile.parts[i].index % 2; },
+      [&](int64_t i, int64_t) { part_fn(tile.parts[i]); });
+}
+
+// Pointers of one tile's element-wise pass: image b of x (C, H, W) and attn
+// (G, K, H_out, W_out), a (C*K, R) matrix over the tile's R positions, and
+// optionally image b of the gradients.
+template <typename scalar_t>
+struct TileData {
+  const scalar_t* x;
+  const scalar_t* attn;
+  scalar_t* matrix;  // P (written) or Q (read)
+  scalar_t* grad_attn;
+  scalar_t* grad_x;
+};
+
+// One (channel, tap) row of a part: where it sits in the tile matrix and in
+// the image planes of x and attn.
+struct TapRow {
+  int64_t c, t, j;
+  int64_t matrix_offset;  // of (c*K + t, the part's first position) in the tile matrix
+  int64_t attn_offset;    // of (a(c), t, 0, 0) in attn's image
+  int64_t x_offset;       // of (c, 0, 0) in x's image, shifted by the tap: (i*dh - ph)*W + j*dw - pw
+  int64_t di;             // input row minus output row * stride: i*dh - ph
+};
+
+// Calls fn(row) for each (channel, tap) of the part.
+template <typename Fn>
+void for_each_tap_row(const Geometry& g, const Tile& tile, const Band& part, const Fn& fn) {
+  const int64_t R = (tile.band.oh1 - tile.band.oh0) * g.out_w, Cg = g.channels / g.attn_groups;
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t t = i * g.kw + j, di = i * g.dh - g.ph;
+        fn(TapRow{c, t, j, (c * g.taps() + t) * R + (part.oh0 - tile.band.oh0) * g.out_w,
+                  ((c / Cg) * g.taps() + t) * g.positions(),
+                  c * g.height * g.width + di * g.width + j * g.dw - g.pw, di});
+      }
+    }
+  }
+}
+
+// Output rows of the part whose tap row reads inside the input: [first, last).
+std::pair<int64_t, int64_t> inside_rows(const Geometry& g, const Band& part, int64_t di) {
+  const int64_t first = std::min(part.oh1, std::max(part.oh0, di >= 0 ? 0 : (-di + g.sh - 1) / g.sh));
+  const int64_t last = std::min(part.oh1, g.height - 1 - di < 0 ? 0 : (g.height - 1 - di) / g.sh + 1);
+  return {first, std::max(first, last)};
+}
+
+// With stride 1 and W_out == W, output position k = oh*W_out + ow of a tap
+// reads x at k + x_offset, so a tap's rows form one flat run; the run's
+// wrap-around columns (where the tap falls in the side padding) are handled
+// apart. Returns the run's positions [begin, end) whose reads stay inside the
+// channel's plane, for the output rows [first, last).
+bool flat_runs(const Geometry& g) { return g.sh == 1 && g.sw == 1 && g.out_w == g.width; }
+
+std::pair<int64_t, int64_t> flat_run(const Geometry& g, const TapRow& row, int64_t first, int64_t last) {
+  const int64_t shift = row.x_offset - row.c * g.height * g.width;
+  return {std::max(first * g.out_w, -shift), std::min(last * g.out_w, g.height * g.width - shift)};
+}
+
+// Sets the side-padding columns [0, ow_begin) and [ow_end, W_out) of rows [first, last) of m to zero;
+// m points at output position (0, 0).
+template <typename scalar_t>
+void zero_side_columns(const Geometry& g, int64_t j, int64_t first, int64_t last, scalar_t* m) {
+  const int64_t lo = g.ow_begin(j), hi = std::max(lo, g.ow_end(j));
+  for (int64_t oh = first; oh < last; ++oh) {
+    std::fill(m + oh * g.out_w, m + oh * g.out_w + lo, scalar_t(0));
+    std::fill(m + oh * g.out_w + hi, m + (oh + 1) * g.out_w, scalar_t(0));
+  }
+}
+
+// P[c*K + t, r] = attn[a(c), t, r] * x[c, window(r, t)], zero in the padding.
+template <typename scalar_t>
+void build_patches(const Geometry& g, const Tile& tile, const Band& part, const TileData<scalar_t>& d) {
+  const int64_t sw = g.sw;
+  for_each_tap_row(g, tile, part, [&](const TapRow& row) {
+    // m, a, src: indexed by output position (oh, ow) -> oh*W_out + ow of the image
+    scalar_t* m = d.matrix + row.matrix_offset - part.oh0 * g.out_w;
+    const scalar_t* a = d.attn + row.attn_offset;
+    const scalar_t* src = d.x + row.x_offset;
+    const auto [first, last] = inside_rows(g, part, row.di);
+    std::fill(m + part.oh0 * g.out_w, m + first * g.out_w, scalar_t(0));
+    std::fill(m + last * g.out_w, m + part.oh1 * g.out_w, scalar_t(0));
+    if (flat_runs(g)) {
+      const auto [begin, end] = flat_run(g, row, first, last);
+#pragma omp simd
+      for (int64_t k = begin; k < end; ++k) m[k] = a[k] * src[k];
+      zero_side_columns(g, row.j, first, last, m);
+      return;
+    }
+    const int64_t lo = g.ow_begin(row.j), hi = std::max(lo, g.ow_end(row.j));
+    zero_side_columns(g, row.j, first, last, m);
+    for (int64_t oh = first; oh < last; ++oh) {
+      scalar_t* m_row = m + oh * g.out_w;
+      const scalar_t* a_row = a + oh * g.out_w;
+      const scalar_t* src_row = src + oh * g.sh * g.width;
+#pragma omp simd
+      for (int64_t ow = lo; ow < hi; ++ow) m_row[ow] = a_row[ow] * src_row[ow * sw];
+    }
+  });
+}
+
+// From Q[c*K + t, r] = sum_o w[o, c, t] * dy[o, r]:
+// grad_attn[a, t, r] = sum_{c in a} Q * x[c, window(r, t)];
+// grad_x[c, window(r, t)] += attn[a(c), t, r] * Q.
+// Q's entries where the tap falls in the padding are zeroed first.
+template <typename scalar_t>
+void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
+                        const TileData<scalar_t>& d) {
+  const int64_t sw = g.sw;
+  if (d.grad_attn) {
+    for (int64_t a = 0; a < g.attn_groups * g.taps(); ++a) {
+      scalar_t* row = d.grad_attn + a * g.positions() + part.oh0 * g.out_w;
+      std::fill(row, row + (part.oh1 - part.oh0) * g.out_w, scalar_t(0));
+    }
+  }
+  for_each_tap_row(g, tile, part, [&](const TapRow& row) {
+    scalar_t* q = d.matrix + row.matrix_offset - part.oh0 * g.out_w;
+    const scalar_t* a = d.attn + row.attn_offset;
+    const scalar_t* src = d.x + row.x_offset;
+    scalar_t* ga = d.grad_attn ? d.grad_attn + row.attn_offset : nullptr;
+    scalar_t* gx = d.grad_x ? d.grad_x + row.x_offset : nullptr;
+    const auto [first, last] = inside_rows(g, part, row.di);
+    zero_side_columns(g, row.j, first, last, q);
+    if (flat_runs(g)) {
+      const auto [begin, end] = flat_run(g, row, first, last);
+      if (ga) {
+#pragma omp simd
+        for (int64_t k = begin; k < end; ++k) ga[k] += q[k] * src[k];
+      }
+      if (gx) {
+#pragma omp simd
+        for (int64_t k = begin; k < end; ++k) gx[k] += a[k] * q[k];
+      }
+      return;
+    }
+    const int64_t lo = g.ow_begin(row.j), hi = std::max(lo, g.ow_end(row.j));
+    for (int64_t oh = first; oh < last; ++oh) {
+      const int64_t r = oh * g.out_w, x_row = oh * g.sh * g.width;
+      if (ga) {
+#pragma omp simd
+        for (int64_t ow = lo; ow < hi; ++ow) ga[r + ow] += q[r + ow] * src[x_row + ow * sw];
+      }
+      if (gx) {
+#pragma omp simd
+        for (int64_t ow = lo; ow < hi; ++ow) gx[x_row + ow * sw] += a[r + ow] * q[r + ow];
+      }
+    }
+  });
+}
+
+at::Tensor tile_matrix(const at::Tensor& buffers, int64_t thread, const Geometry& g, const Tile& tile) {
+  const int64_t positions = (tile.band.oh1 - tile.band.oh0) * g.out_w;
+  return buffers.select(0, thread).narrow(0, 0, g.cols() * positions).view({g.cols(), positions});
+}
+
+// Columns of the tile's positions in image b of a (B, O, H_out*W_out) tensor.
+at::Tensor tile_columns(const at::Tensor& t, const Geometry& g, const Tile& tile) {
+  return t.select(0, tile.band.b)
+      .narrow(1, tile.band.oh0 * g.out_w, (tile.band.oh1 - tile.band.oh0) * g.out_w);
+}
+
+int64_t buffer_count(const Schedule& schedule) {
+  return schedule.parallel_tiles ? at::get_num_threads() : 1;
+}
+
+template <typename scalar_t>
+TileData<scalar_t> tile_data(const Geometry& g, const Tile& tile, const at::Tensor& x,
+                             const at::Tensor& attn, at::Tensor& matrix, at::Tensor& grad_attn,
+                             at::Tensor& grad_x) {
+  const int64_t b = tile.band.b;
+  return {x.data_ptr<scalar_t>() + b * g.channels * g.height * g.width,
+          attn.data_ptr<scalar_t>() + b * g.attn_groups * g.taps() * g.positions(),
+          matrix.data_ptr<scalar_t>(),
+          grad_attn.defined() ? grad_attn.data_ptr<scalar_t>() + b * g.attn_groups * g.taps() * g.positions()
+                              : nullptr,
+          grad_x.defined() ? grad_x.data_ptr<scalar_t>() + b * g.channels * g.height * g.width : nullptr};
+}
+
+}  // namespace
+
+// x (B, C, H, W), attn (B, G, K, H_out, W_out), weight (O, C, kh, kw), all
+// contiguous -> y (B, O, H_out, W_out) without bias.
+at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& weight,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t tile_elements, int64_t thread_elements) {
+  const Geometry g = make_geometry(x, attn, weight.sizes().slice(2), stride, padding, dilation);
+  TORCH_CHECK(weight.is_contiguous() && weight.size(1) == g.channels,
+              "weight must be a contiguous (O, C, kh, kw) tensor");
+  const Schedule schedule = make_schedule(g, tile_elements, thread_elements);
+  const at::Tensor wmat = weight.view({weight.size(0), g.cols()});
+  at::Tensor out = at::empty({g.batch, weight.size(0), g.positions()}, x.options());
+  at::Tensor buffers = at::empty({buffer_count(schedule), g.cols() * schedule.max_positions(g)}, x.options());
+  at::Tensor none;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_forward", [&] {
+    for_each_tile(schedule, false, [&](const Tile& tile, int64_t thread) {
+      at::Tensor patches = tile_matrix(buffers, thread, g, tile);
+      const auto data = tile_data<scalar_t>(g, tile, x, attn, patches, none, none);
+      for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
+      at::Tensor columns = tile_columns(out, g, tile);
+      at::mm_out(columns, wmat, patches);
+    });
+  });
+  return out.view({g.batch, weight.size(0), g.out_h, g.out_w});
+}
+
+// grad_out (B, O, H_out, W_out) contiguous -> [grad_x (B, C, H, W),
+// grad_attn (B, G, K, H_out, W_out), grad_weight (O, C, kh, kw)], undefined
+// where not needed.
+std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const at::Tensor& attn, const at::Tensor& weight,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t tile_elements,
+                                     int64_t thread_elements, bool need_input, bool need_attn, bool need_weight) {
+  const Geometry g = make_geometry(x, attn, weight.sizes().slice(2), stride, padding, dilation);
+  const int64_t O = weight.size(0);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == at::IntArrayRef({g.batch, O, g.out_h, g.out_w}),
+              "grad_out must be a contiguous (B, O, H_out, W_out) tensor");
+  const Schedule schedule = make_schedule(g, tile_elements, thread_elements);
+  const int64_t buffers = buffer_count(schedule), elements = g.cols() * schedule.max_positions(g);
+  const bool need_q = need_input || need_attn;
+  const at::Tensor wmat = weight.view({O, g.cols()});
+  const at::Tensor dy = grad_out.view({g.batch, O, g.positions()});
+  at::Tensor grad_x = need_input ? at::zeros_like(x) : at::Tensor();
+  at::Tensor grad_attn = need_attn ? at::empty_like(attn) : at::Tensor();
+  // One weight-gradient partial per thread when tiles run in parallel (each
+  // starts at zero); one in all otherwise, which the first tile overwrites.
+  at::Tensor grad_w_parts;
+  if (need_weight) {
+    grad_w_parts = schedule.parallel_tiles ? at::zeros({buffers, O, g.cols()}, x.options())
+                                           : at::empty({1, O, g.cols()}, x.options());
+  }
+  at::Tensor q_buffers = need_q ? at::empty({buffers, elements}, x.options()) : at::Tensor();
+  at::Tensor patch_buffers = need_weight ? at::empty({buffers, elements}, x.options()) : at::Tensor();
+  at::Tensor none;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_backward", [&] {
+    for_each_tile(schedule, need_input, [&](const Tile& tile, int64_t thread) {
+      const at::Tensor tile_dy = tile_columns(dy, g, tile);
+      if (need_q) {
+        at::Tensor q = tile_matrix(q_buffers, thread, g, tile);
+        at::mm_out(q, wmat.t(), tile_dy);
+        const auto data = tile_data<scalar_t>(g, tile, x, attn, q, grad_attn, grad_x);
+        for_each_part(schedule, tile, need_input,
+                      [&](const Band& part) { scatter_patch_grad(g, tile, part, data); });
+      }
+      if (need_weight) {
+        at::Tensor patches = tile_matrix(patch_buffers, thread, g, tile);
+        const auto data = tile_data<scalar_t>(g, tile, x, attn, patches, none, none);
+        for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
+        at::Tensor part = grad_w_parts.select(0, thread);
+        if (schedule.parallel_tiles || &tile != &schedule.tiles.front()) {
+          part.addmm_(tile_dy, patches.t());
+        } else {
+          at::mm_out(part, tile_dy, patches.t());
+        }
+      }
+    });
+  });
+  at::Tensor grad_weight;
+  if (need_weight) {
+    grad_weight = (buffers == 1 ? grad_w_parts.select(0, 0) : grad_w_parts.sum(0)).view(weight.sizes());
+  }
+  return {grad_x, grad_attn, grad_weight};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "AIK convolution on CPU (groups == 1): tiled patch GEMMs";
+  m.def("forward", &aik_forward, "AIK convolution forward");
+  m.def("backward", &aik_backward, "AIK convolution backward");
+}

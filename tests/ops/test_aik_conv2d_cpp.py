@@ -1,0 +1,84 @@
+"""The compiled CPU path against the float64 loop reference, on both of its
+schedules (parallel cache-sized tiles, and one image at a time)."""
+import itertools
+
+import pytest
+import torch
+
+import mmdynconv.ops.aik_conv2d_cpp as cpp
+from mmdynconv.ops import aik_conv2d
+from mmdynconv.ops.aik_conv2d import _default_impl
+from test_aik_conv2d import loop_reference, make_case
+
+
+def test_extension_is_built_and_default_on_cpu():
+    assert cpp.AVAILABLE, 'setup.py did not build mmdynconv.ops._aik_cpu'
+    assert _default_impl(torch.zeros(1)) == 'cpp'
+
+
+def grads_of(case, args, impl):
+    inputs = [t.clone().requires_grad_() for t in case]
+    out = aik_conv2d(*inputs, *args, impl=impl)
+    out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype))
+                 .view_as(out))
+    return [out] + [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('tile_elements', [1, 300, 1 << 17])
+def test_schedules_match_reference(monkeypatch, threads, tile_elements):
+    """Tiny tile budgets force many parallel tiles (and, with two threads,
+    concurrent input-gradient bands); the default budget runs one image at
+    a time at these sizes. Every pass may start threads, however small."""
+    monkeypatch.setattr(cpp, 'TILE_ELEMENTS', tile_elements)
+    monkeypatch.setattr(cpp, 'THREAD_ELEMENTS', 1)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for (kernel, stride, pad, dilation, attn_groups,
+             size) in itertools.product([(3, 3), (1, 1), (5, 3)], [1, 2],
+                                        [0, 1, 2], [1, 2], [1, 2],
+                                        [(16, 16), (11, 6)]):
+            padding = (pad, pad if kernel[1] > 1 else 0)
+            case = make_case(3, 4, 5, size, kernel, stride, padding, dilation,
+                             1, attn_groups)
+            if case is None:
+                continue
+            args = (stride, stride), padding, (dilation, dilation), 1
+            expected = loop_reference(*case, *args)
+            cpp_out, *cpp_grads = grads_of(case, args, 'cpp')
+            torch.testing.assert_close(cpp_out, expected, rtol=1e-10,
+                                       atol=1e-10)
+            for actual, reference in zip(cpp_grads,
+                                         grads_of(case, args,
+                                                  'reference')[1:]):
+                torch.testing.assert_close(actual, reference, rtol=1e-10,
+                                           atol=1e-10)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def test_partial_gradients_and_layouts():
+    x, attn, weight, bias = make_case(2, 6, 4, (10, 8), (3, 3), 1, (1, 1),
+                                      1, 1, 3)
+    expected = loop_reference(x, attn, weight, bias, (1, 1), (1, 1), (1, 1),
+                              1)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    out = aik_conv2d(channels_last, attn.transpose(3, 4).contiguous()
+                     .transpose(3, 4), weight, bias, padding=1, impl='cpp')
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected)
+    attn.requires_grad_()
+    aik_conv2d(x, attn, weight, padding=1, impl='cpp').sum().backward()
+    reference = attn.grad.clone()
+    attn.grad = None
+    aik_conv2d(x, attn, weight, padding=1, impl='reference').sum().backward()
+    torch.testing.assert_close(reference, attn.grad)
+
+
+def test_unbuilt_extension_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cpp, 'AVAILABLE', False)
+    x, attn, weight, _ = make_case(1, 4, 4, (5, 5), (3, 3), 1, (1, 1), 1, 1,
+                                   1)
+    with pytest.raises(RuntimeError, match='not built'):
+        aik_conv2d(x, attn, weight, padding=1, impl='cpp')
