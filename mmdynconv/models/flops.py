@@ -10,8 +10,9 @@ from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import (elementwise_flop_counter, get_shape)
 from torch import nn
 
-# the CPU / PyTorch function and the CUDA / Triton one
+# the torch, compiled-CPU and Triton autograd functions
 AIK_CONV_OPS = ('prim::PythonOp.AIKConv2dFunction',
+                'prim::PythonOp.AIKConv2dCppFunction',
                 'prim::PythonOp.AIKConv2dTriton')
 
 
