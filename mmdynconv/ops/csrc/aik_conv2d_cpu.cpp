@@ -3,24 +3,26 @@
 //
 //   y[b, o, u] = sum_{c, t} w[o, c, t] * attn[b, a(c), t, u] * x[b, c, s*u - p + d*delta_t]
 //
-// The output positions of each image are cut into tiles of whole output rows.
-// For a tile of R positions the attention-modulated patch matrix
-// P (C*K x R), P[c*K + t, r] = attn[b, a(c), t, r] * x[b, c, window(r, t)], is
-// built in a buffer and contracted with the weight, viewed as (O x C*K), by one
-// GEMM that writes the tile's columns of y[b] (O x H_out*W_out) in place. No
-// K-times-larger tensor of the whole batch is ever built, and no operand is
-// transposed or copied. Backward, per tile: one GEMM gives the patch gradient
+// The output positions are cut into tiles of whole output rows. For a tile
+// of R positions the attention-modulated patch matrix P (C*K x R),
+// P[c*K + t, r] = attn[b, a(c), t, r] * x[b, c, window(r, t)], is built in a
+// buffer and contracted with the weight, viewed as (O x C*K), by one GEMM. No
+// K-times-larger tensor of the whole batch is kept, and the weight is used as
+// it lies. Backward, per tile: one GEMM gives the patch gradient
 // Q = w^T dy (C*K x R); one fused pass turns it into the attention gradient
 // and the input gradient; the rebuilt P feeds one GEMM, dy P^T, into the
 // weight gradient.
 //
 // Two schedules:
-// * many small tiles (thin layers with large maps): tiles run in parallel,
-//   one per thread, each small enough for its buffers to stay in that core's
-//   cache; the weight gradient goes to per-thread partials;
-// * one image per tile (wide layers with small maps, whose weight is too big
-//   to re-read per small tile): tiles run one after another, each GEMM on all
-//   threads, the element-wise passes in parallel over bands of output rows.
+// * many small tiles (thin layers with large maps): bands of one image,
+//   run in parallel, one per thread, each small enough for its buffers to
+//   stay in that core's cache; GEMMs read and write y[b] and dy[b]
+//   (O x H_out*W_out) in place; the weight gradient goes to per-thread
+//   partials;
+// * one tile of the whole batch (wide layers with small maps, whose weight
+//   is too big to re-read per small tile): each GEMM on all threads, on
+//   copies of y and dy with images side by side (they are small here); the
+//   element-wise passes in parallel over bands of output rows.
 // Input-gradient passes that run at the same time must not touch the same
 // input row: they take bands of output rows in two phases, even then odd
 // bands, with each band tall enough that bands two apart read disjoint rows.
@@ -56,10 +58,15 @@ struct Band {
   int64_t b, oh0, oh1, index;
 };
 
-// A tile is a band; its element-wise passes may be split into sub-bands.
+// A tile: output rows oh0 <= oh < oh1 of images b0 <= b < b1 (one image, or
+// whole images), matched with the columns (image-major) of its patch matrix.
+// Its element-wise passes are split into parts, bands of single images.
 struct Tile {
-  Band band;
+  int64_t b0, b1, oh0, oh1, index;
   std::vector<Band> parts;
+
+  int64_t images() const { return b1 - b0; }
+  int64_t positions(const Geometry& g) const { return images() * (oh1 - oh0) * g.out_w; }
 };
 
 struct Schedule {
@@ -68,9 +75,9 @@ struct Schedule {
   int64_t tile_elements, part_elements;  // matrix elements of a (typical) tile and part
   int64_t thread_elements;                // work below which another thread costs more than it saves
   int64_t max_positions(const Geometry& g) const {
-    int64_t rows = 0;
-    for (const auto& tile : tiles) rows = std::max(rows, tile.band.oh1 - tile.band.oh0);
-    return rows * g.out_w;
+    int64_t positions = 0;
+    for (const auto& tile : tiles) positions = std::max(positions, tile.positions(g));
+    return positions;
   }
 };
 
@@ -113,19 +120,23 @@ Schedule make_schedule(const Geometry& g, int64_t tile_elements, int64_t thread_
   const int64_t threads = at::get_num_threads();
   Schedule schedule;
   schedule.thread_elements = thread_elements;
-  schedule.parallel_tiles =
-      g.batch * g.positions() >= kTilesPerThread * threads * tile_positions;
-  for (int64_t b = 0; b < g.batch; ++b) {
-    if (schedule.parallel_tiles) {
+  const int64_t budget = kTilesPerThread * threads * tile_positions;
+  schedule.parallel_tiles = g.batch * g.positions() >= budget;
+  if (schedule.parallel_tiles) {
+    for (int64_t b = 0; b < g.batch; ++b) {
       for (const Band& band : make_bands(g, b, (tile_positions + g.out_w - 1) / g.out_w)) {
-        schedule.tiles.push_back({band, {band}});
+        schedule.tiles.push_back({b, b + 1, band.oh0, band.oh1, band.index, {band}});
       }
-    } else {
-      schedule.tiles.push_back({{b, 0, g.out_h, 0}, make_bands(g, b, 1)});
     }
+  } else {  // the whole batch fits the budget of all threads' tiles: one tile
+    Tile tile{0, g.batch, 0, g.out_h, 0, {}};
+    for (int64_t b = 0; b < g.batch; ++b) {
+      for (const Band& band : make_bands(g, b, 1)) tile.parts.push_back(band);
+    }
+    schedule.tiles.push_back(std::move(tile));
   }
   const Tile& first = schedule.tiles.front();
-  schedule.tile_elements = (first.band.oh1 - first.band.oh0) * g.out_w * g.cols();
+  schedule.tile_elements = first.positions(g) * g.cols();
   schedule.part_elements = (first.parts[0].oh1 - first.parts[0].oh0) * g.out_w * g.cols();
   return schedule;
 }
@@ -163,7 +174,7 @@ void for_each_tile(const Schedule& schedule, bool two_phases, const Fn& tile_fn)
   }
   parallel_in_phases(
       schedule, static_cast<int64_t>(schedule.tiles.size()), schedule.tile_elements, two_phases,
-      [&](int64_t i) { return schedule.tiles[i].band.index % 2; },
+      [&](int64_t i) { return schedule.tiles[i].index % 2; },
       [&](int64_t i, int64_t thread) { tile_fn(schedule.tiles[i], thread); });
 }
 
@@ -181,9 +192,8 @@ void for_each_part(const Schedule& schedule, const Tile& tile, bool two_phases, 
       [&](int64_t i, int64_t) { part_fn(tile.parts[i]); });
 }
 
-// Pointers of one tile's element-wise pass: image b of x (C, H, W) and attn
-// (G, K, H_out, W_out), a (C*K, R) matrix over the tile's R positions, and
-// optionally image b of the gradients.
+// Pointers of one tile's element-wise pass: x, attn and (optional) their
+// gradients, whole; the tile's (C*K, R) matrix over its R positions.
 template <typename scalar_t>
 struct TileData {
   const scalar_t* x;
@@ -193,27 +203,30 @@ struct TileData {
   scalar_t* grad_x;
 };
 
-// One (channel, tap) row of a part: where it sits in the tile matrix and in
-// the image planes of x and attn.
+// One (channel, tap) row of a part (a band of image b): where it sits in the
+// tile matrix, in attn and in x.
 struct TapRow {
-  int64_t c, t, j;
+  int64_t j;
   int64_t matrix_offset;  // of (c*K + t, the part's first position) in the tile matrix
-  int64_t attn_offset;    // of (a(c), t, 0, 0) in attn's image
-  int64_t x_offset;       // of (c, 0, 0) in x's image, shifted by the tap: (i*dh - ph)*W + j*dw - pw
+  int64_t attn_offset;    // of (b, a(c), t, 0, 0) in attn
+  int64_t x_plane;        // of (b, c, 0, 0) in x
+  int64_t x_offset;       // x_plane shifted by the tap: + (i*dh - ph)*W + j*dw - pw
   int64_t di;             // input row minus output row * stride: i*dh - ph
 };
 
 // Calls fn(row) for each (channel, tap) of the part.
 template <typename Fn>
 void for_each_tap_row(const Geometry& g, const Tile& tile, const Band& part, const Fn& fn) {
-  const int64_t R = (tile.band.oh1 - tile.band.oh0) * g.out_w, Cg = g.channels / g.attn_groups;
+  const int64_t R = tile.positions(g), Cg = g.channels / g.attn_groups;
+  const int64_t first_position = ((part.b - tile.b0) * (tile.oh1 - tile.oh0) + part.oh0 - tile.oh0) * g.out_w;
   for (int64_t c = 0; c < g.channels; ++c) {
+    const int64_t x_plane = (part.b * g.channels + c) * g.height * g.width;
     for (int64_t i = 0; i < g.kh; ++i) {
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t t = i * g.kw + j, di = i * g.dh - g.ph;
-        fn(TapRow{c, t, j, (c * g.taps() + t) * R + (part.oh0 - tile.band.oh0) * g.out_w,
-                  ((c / Cg) * g.taps() + t) * g.positions(),
-                  c * g.height * g.width + di * g.width + j * g.dw - g.pw, di});
+        fn(TapRow{j, (c * g.taps() + t) * R + first_position,
+                  ((part.b * g.attn_groups + c / Cg) * g.taps() + t) * g.positions(), x_plane,
+                  x_plane + di * g.width + j * g.dw - g.pw, di});
       }
     }
   }
@@ -234,7 +247,7 @@ std::pair<int64_t, int64_t> inside_rows(const Geometry& g, const Band& part, int
 bool flat_runs(const Geometry& g) { return g.sh == 1 && g.sw == 1 && g.out_w == g.width; }
 
 std::pair<int64_t, int64_t> flat_run(const Geometry& g, const TapRow& row, int64_t first, int64_t last) {
-  const int64_t shift = row.x_offset - row.c * g.height * g.width;
+  const int64_t shift = row.x_offset - row.x_plane;
   return {std::max(first * g.out_w, -shift), std::min(last * g.out_w, g.height * g.width - shift)};
 }
 
@@ -290,7 +303,8 @@ void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
   const int64_t sw = g.sw;
   if (d.grad_attn) {
     for (int64_t a = 0; a < g.attn_groups * g.taps(); ++a) {
-      scalar_t* row = d.grad_attn + a * g.positions() + part.oh0 * g.out_w;
+      scalar_t* row = d.grad_attn + (part.b * g.attn_groups * g.taps() + a) * g.positions() +
+                      part.oh0 * g.out_w;
       std::fill(row, row + (part.oh1 - part.oh0) * g.out_w, scalar_t(0));
     }
   }
@@ -330,14 +344,29 @@ void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
 }
 
 at::Tensor tile_matrix(const at::Tensor& buffers, int64_t thread, const Geometry& g, const Tile& tile) {
-  const int64_t positions = (tile.band.oh1 - tile.band.oh0) * g.out_w;
+  const int64_t positions = tile.positions(g);
   return buffers.select(0, thread).narrow(0, 0, g.cols() * positions).view({g.cols(), positions});
 }
 
-// Columns of the tile's positions in image b of a (B, O, H_out*W_out) tensor.
+// The tile's columns of a (B, O, H_out*W_out) tensor as an (O, R) matrix: a
+// view for a tile of one image, a copy for several.
 at::Tensor tile_columns(const at::Tensor& t, const Geometry& g, const Tile& tile) {
-  return t.select(0, tile.band.b)
-      .narrow(1, tile.band.oh0 * g.out_w, (tile.band.oh1 - tile.band.oh0) * g.out_w);
+  if (tile.images() == 1) {
+    return t.select(0, tile.b0).narrow(1, tile.oh0 * g.out_w, tile.positions(g));
+  }
+  return t.narrow(0, tile.b0, tile.images()).permute({1, 0, 2}).reshape({t.size(1), tile.positions(g)});
+}
+
+// The tile's columns of out (B, O, H_out*W_out) = wmat (O, C*K) @ patches (C*K, R).
+void multiply_into_columns(at::Tensor& out, const at::Tensor& wmat, const at::Tensor& patches,
+                           const Geometry& g, const Tile& tile) {
+  if (tile.images() == 1) {
+    at::Tensor columns = tile_columns(out, g, tile);
+    at::mm_out(columns, wmat, patches);
+    return;
+  }
+  out.narrow(0, tile.b0, tile.images())
+      .copy_(at::mm(wmat, patches).view({wmat.size(0), tile.images(), g.positions()}).permute({1, 0, 2}));
 }
 
 int64_t buffer_count(const Schedule& schedule) {
@@ -345,16 +374,11 @@ int64_t buffer_count(const Schedule& schedule) {
 }
 
 template <typename scalar_t>
-TileData<scalar_t> tile_data(const Geometry& g, const Tile& tile, const at::Tensor& x,
-                             const at::Tensor& attn, at::Tensor& matrix, at::Tensor& grad_attn,
-                             at::Tensor& grad_x) {
-  const int64_t b = tile.band.b;
-  return {x.data_ptr<scalar_t>() + b * g.channels * g.height * g.width,
-          attn.data_ptr<scalar_t>() + b * g.attn_groups * g.taps() * g.positions(),
-          matrix.data_ptr<scalar_t>(),
-          grad_attn.defined() ? grad_attn.data_ptr<scalar_t>() + b * g.attn_groups * g.taps() * g.positions()
-                              : nullptr,
-          grad_x.defined() ? grad_x.data_ptr<scalar_t>() + b * g.channels * g.height * g.width : nullptr};
+TileData<scalar_t> tile_data(const at::Tensor& x, const at::Tensor& attn, at::Tensor& matrix,
+                             at::Tensor& grad_attn, at::Tensor& grad_x) {
+  return {x.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), matrix.data_ptr<scalar_t>(),
+          grad_attn.defined() ? grad_attn.data_ptr<scalar_t>() : nullptr,
+          grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr};
 }
 
 }  // namespace
@@ -375,10 +399,9 @@ at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Te
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_forward", [&] {
     for_each_tile(schedule, false, [&](const Tile& tile, int64_t thread) {
       at::Tensor patches = tile_matrix(buffers, thread, g, tile);
-      const auto data = tile_data<scalar_t>(g, tile, x, attn, patches, none, none);
+      const auto data = tile_data<scalar_t>(x, attn, patches, none, none);
       for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
-      at::Tensor columns = tile_columns(out, g, tile);
-      at::mm_out(columns, wmat, patches);
+      multiply_into_columns(out, wmat, patches, g, tile);
     });
   });
   return out.view({g.batch, weight.size(0), g.out_h, g.out_w});
@@ -419,13 +442,13 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
       if (need_q) {
         at::Tensor q = tile_matrix(q_buffers, thread, g, tile);
         at::mm_out(q, wmat.t(), tile_dy);
-        const auto data = tile_data<scalar_t>(g, tile, x, attn, q, grad_attn, grad_x);
+        const auto data = tile_data<scalar_t>(x, attn, q, grad_attn, grad_x);
         for_each_part(schedule, tile, need_input,
                       [&](const Band& part) { scatter_patch_grad(g, tile, part, data); });
       }
       if (need_weight) {
         at::Tensor patches = tile_matrix(patch_buffers, thread, g, tile);
-        const auto data = tile_data<scalar_t>(g, tile, x, attn, patches, none, none);
+        const auto data = tile_data<scalar_t>(x, attn, patches, none, none);
         for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
         at::Tensor part = grad_w_parts.select(0, thread);
         if (schedule.parallel_tiles || &tile != &schedule.tiles.front()) {
