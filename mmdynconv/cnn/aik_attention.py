@@ -8,6 +8,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from .fused_attention import (FusedAttention, can_fuse, fused_attention,
+                              fused_params)
+
 CONTEXTS = ('local', 'global', 'local_global')
 FUSIONS = ('add', 'mul', 'cat')
 ACTIVATIONS = ('2sigmoid', 'sigmoid', 'softmax')
@@ -49,10 +52,19 @@ class AIKAttention(nn.Module):
     so it skips the fusion norm (batch norm cannot normalise one value per
     sample when the batch holds one sample).
 
-    Memory: when gradients are recorded, the generator is recomputed in
-    backward instead of keeping its intermediates (two of them C-channel maps
-    at full resolution); only A, which the AIK op keeps anyway, survives the
-    forward pass. Batch norms update their running statistics once.
+    Memory and speed: with plain batch norms (``norm_cfg`` type 'BN'), a
+    local branch and float32/float64 input, :mod:`.fused_attention` computes
+    A (in forward and in :meth:`attention_map`, with or without gradients):
+    the local norm folds into the 1*1 projection, and backward recomputes the
+    depthwise conv once and differentiates by hand. It keeps x, A (both kept
+    by the AIK op anyway) and per-channel vectors. Otherwise (other norms
+    such as GN or SyncBN, half precision, autocast, hooks on the submodules,
+    ``torch.jit`` tracing) the modules compute A; when gradients are
+    recorded, forward runs them under a checkpoint, which recomputes them in
+    backward instead of keeping their intermediates (two of them C-channel
+    maps at full resolution). The global-only context keeps nothing that
+    large and runs its modules plainly. Either way batch norms update their
+    running statistics once per forward.
 
     Args:
         in_channels: C.
@@ -143,9 +155,8 @@ class AIKAttention(nn.Module):
             fused = torch.cat([local, glob.expand_as(local)], dim=1)
         return torch.relu(self.fuse_norm(fused))
 
-    def attention_map(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> A of shape (B, G, K, H_out, W_out), or
-        (B, G, K, 1, 1) for the global-only context."""
+    def _modules_attention_map(self, x: Tensor) -> Tensor:
+        """attention_map(x) by the modules, with plain autograd."""
         logits = self.head(self._fuse(x))
         logits = logits.view(logits.shape[0], self.attn_groups, -1,
                              *logits.shape[2:])
@@ -154,15 +165,36 @@ class AIKAttention(nn.Module):
         attn = torch.sigmoid(logits)
         return 2 * attn if self.act == '2sigmoid' else attn
 
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether :mod:`.fused_attention` computes A for x; not under
+        ``torch.jit`` tracing, which should see the modules."""
+        return not torch.jit.is_tracing() and can_fuse(self, x)
+
+    def _fused_attention_map(self, x: Tensor) -> Tensor:
+        """attention_map(x) by :mod:`.fused_attention`."""
+        if torch.is_grad_enabled():
+            return FusedAttention.apply(self, x, *fused_params(self))
+        return fused_attention(self, x)
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> A of shape (B, G, K, H_out, W_out), or
+        (B, G, K, 1, 1) for the global-only context."""
+        if self._fusable(x):
+            return self._fused_attention_map(x)
+        return self._modules_attention_map(x)
+
     def forward(self, x: Tensor, out_size: Tuple[int, int]) -> Tensor:
         """(B, C, H, W) -> A of shape (B, G, K, H_out, W_out)."""
-        if torch.is_grad_enabled():
+        if self._fusable(x):
+            attn = self._fused_attention_map(x)
+        elif (torch.is_grad_enabled() and self.local_conv is not None
+              and not torch.jit.is_tracing()):
             attn = checkpoint(
-                self.attention_map,
+                self._modules_attention_map,
                 x,
                 use_reentrant=False,
                 context_fn=lambda:
                 (nullcontext(), _running_stats_restored(self)))
         else:
-            attn = self.attention_map(x)
+            attn = self._modules_attention_map(x)
         return attn.expand(-1, -1, -1, *out_size)

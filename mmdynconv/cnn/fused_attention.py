@@ -1,0 +1,506 @@
+"""A lean forward and backward for the attention generator of an AIK
+convolution (:class:`~mmdynconv.cnn.AIKAttention`) whose norms are plain
+batch norms.
+
+Every map after the depthwise conv is held as rows, (N, channels) with
+N = B * H_out * W_out, i.e. channels-last, so that 1*1 convs are GEMMs; the
+head's GEMM writes the logits and A as contiguous (B, G*K, H_out*W_out), the
+layout the AIK op reads.
+
+The local branch is ``local_proj(local_norm(local_conv(x)))``: a 1*1 conv W1
+after a batch norm after a depthwise conv. With z = local_conv(x) centred by
+the norm's mean, the norm is z * a + beta per channel, a = gamma * invstd,
+so
+
+    local = z (W1 * a)^T + W1 beta,
+
+and the normalised C-channel map is never built. Backward recomputes the
+centred z once (the mean as the depthwise conv's bias) and gets the norm's
+reductions from the GEMM that gives W1's gradient:
+
+    S = dlocal^T z (M, C),  sum_n g = sum_n dlocal W1,
+    sum_n g * z = sum_m W1[m] * S[m]   (g: the gradient at the norm's output).
+
+The tail (fusion, fusion norm, ReLU, head, activation) works on M or fewer
+channels and is differentiated by hand from the recomputed local rows and
+the attention itself (which the AIK op keeps anyway).
+
+The depthwise conv runs channels-last: on CPU it is several times faster so,
+layout conversions included.
+"""
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+CHANNELS_LAST = torch.channels_last
+
+
+def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
+    """Whether ``norm`` normalises by the batch's statistics (as
+    ``nn.BatchNorm2d.forward`` decides)."""
+    return norm.training or norm.running_mean is None
+
+
+def can_fuse(gen: nn.Module, x: Tensor) -> bool:
+    """Whether :class:`FusedAttention` computes what ``gen``'s modules do.
+
+    It needs a local branch, plain ``nn.BatchNorm2d`` norms (no subclass such
+    as ``SyncBatchNorm``, no other norm), x in float32 or float64 like every
+    parameter and buffer, no autocast, no module hooks on the submodules
+    (they would not run), and more than one value per channel when batch
+    statistics are used (else the module path raises, as ``nn.BatchNorm2d``
+    does).
+    """
+    if gen.local_conv is None or x.dim() != 4:
+        return False
+    if _has_call_hooks(gen):
+        return False
+    norms = (gen.local_norm, gen.fuse_norm)
+    if any(type(norm) is not nn.BatchNorm2d for norm in norms):
+        return False
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    if any((t.is_floating_point() and t.dtype != x.dtype)
+           or t.device != x.device
+           for t in [*gen.parameters(), *gen.buffers()]):
+        return False
+    if any(uses_batch_statistics(norm) for norm in norms):
+        return x.shape[0] * _local_out_size(gen, x).numel() > 1
+    return True
+
+
+_CALL_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks',
+               '_backward_pre_hooks')
+
+
+def _has_call_hooks(gen: nn.Module) -> bool:
+    """Whether a module call on one of gen's submodules would run hooks
+    (forward or backward, global or the submodule's own)."""
+    return any(
+        getattr(nn.modules.module, '_global' + name)
+        or any(getattr(m, name) for m in gen.children())
+        for name in _CALL_HOOKS)
+
+
+def _local_out_size(gen: nn.Module, x: Tensor) -> torch.Size:
+    """(H_out, W_out) of the depthwise conv on x."""
+    conv = gen.local_conv
+    return torch.Size(
+        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+        for size, pad, dil, k, st in zip(x.shape[2:], conv.padding,
+                                         conv.dilation, conv.kernel_size,
+                                         conv.stride))
+
+
+def fused_params(gen: nn.Module) -> List[Optional[Tensor]]:
+    """The generator's parameters in :class:`FusedAttention`'s order (None
+    for the global projection of the local-only context, and for a norm
+    without affine parameters)."""
+    return [
+        gen.local_conv.weight, gen.local_norm.weight, gen.local_norm.bias,
+        gen.local_proj.weight,
+        None if gen.global_proj is None else gen.global_proj.weight,
+        gen.fuse_norm.weight, gen.fuse_norm.bias, gen.head.weight,
+        gen.head.bias
+    ]
+
+
+# --- batch norm as a per-channel affine map ---------------------------------
+
+
+class _Stats(NamedTuple):
+    """A batch norm's mean and 1 / sqrt(var + eps) in one call, (C,)."""
+    mean: Tensor
+    invstd: Tensor
+
+
+def _statistics(norm: nn.BatchNorm2d, rows: Optional[Tensor]) -> _Stats:
+    """The statistics ``norm`` normalises rows (N, C) by (rows may be None
+    when it uses its running statistics).
+
+    Updates the running statistics and ``num_batches_tracked`` exactly as one
+    forward of ``norm`` does (momentum None: cumulative average; running_var
+    from the unbiased variance).
+    """
+    if not uses_batch_statistics(norm):
+        mean, var = norm.running_mean.clone(), norm.running_var
+    elif norm.training and norm.track_running_stats:
+        mean, var = torch.batch_norm_update_stats(rows, norm.running_mean,
+                                                  norm.running_var,
+                                                  _momentum(norm))
+    else:
+        mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
+    return _Stats(mean, torch.rsqrt(var + norm.eps))
+
+
+def _momentum(norm: nn.BatchNorm2d) -> float:
+    """The running average factor of this training call, counting it."""
+    if norm.num_batches_tracked is None:
+        return norm.momentum
+    norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
+
+
+def _scale(norm: nn.BatchNorm2d, stats: _Stats) -> Tensor:
+    """(C,) with norm(rows) = (rows - mean) * scale + bias."""
+    if norm.weight is None:
+        return stats.invstd
+    return norm.weight * stats.invstd
+
+
+def _normalise(norm: nn.BatchNorm2d, centred: Tensor,
+               scale: Tensor) -> Tensor:
+    """norm's output from centred rows (N, C)."""
+    if norm.bias is None:
+        return centred * scale
+    return torch.addcmul(norm.bias, centred, scale)
+
+
+def _norm_backward(norm: nn.BatchNorm2d, stats: _Stats, scale: Tensor,
+                   count: int, grad_sum: Tensor, grad_dot: Tensor):
+    """Batch norm backward from two reductions of the gradient g at its
+    output: grad_sum = sum_n g and grad_dot = sum_n g * (input - mean), (C,).
+
+    Returns:
+        The gradients of the norm's weight and bias (None without affine),
+        and per-channel (e, f) with
+        grad_input = g * scale + (input - mean) * e + f
+        ((None, None) with running statistics, where they vanish).
+    """
+    grad_weight = grad_dot * stats.invstd
+    e = f = None
+    if uses_batch_statistics(norm):
+        e = (scale * stats.invstd).mul_(grad_weight).div_(-count)
+        f = scale * grad_sum / -count
+    if norm.weight is None:
+        return None, None, e, f
+    return grad_weight, grad_sum, e, f
+
+
+# --- layouts -----------------------------------------------------------------
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B*h*w, C); a view for channels-last t."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _flat(attn: Tensor) -> Tensor:
+    """(B, G, K, h, w) -> (B, G*K, h*w); a view for contiguous attn."""
+    return attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2], -1)
+
+
+def _per_sample(rows: Tensor, batch: int) -> Tensor:
+    """(N, C) -> (B, h*w, C) view."""
+    return rows.view(batch, -1, rows.shape[1])
+
+
+def _input_gradient(grad_x: Tensor, grad_pooled: Optional[Tensor],
+                    x: Tensor) -> Tensor:
+    """grad_x (B, C, H, W) plus the share of the pooled input's gradient
+    grad_pooled (B, C; None for none), in x's memory layout."""
+    if grad_pooled is None:
+        if grad_x.stride() == x.stride():
+            return grad_x
+        return torch.empty_like(x).copy_(grad_x)
+    share = grad_pooled.div_(x.shape[2] * x.shape[3])[:, :, None, None]
+    # one pass that also changes the layout
+    return torch.add(grad_x, share, out=torch.empty_like(x))
+
+
+# --- the generator, forward --------------------------------------------------
+
+
+def _depthwise(gen: nn.Module, x: Tensor,
+               mean: Optional[Tensor] = None) -> Tensor:
+    """(B, C, H, W) -> rows (N, C) of local_conv(x) - mean (mean (C,) or
+    None for 0), channels-last."""
+    conv = gen.local_conv
+    return _rows(
+        F.conv2d(x.contiguous(memory_format=CHANNELS_LAST), conv.weight,
+                 None if mean is None else -mean, conv.stride, conv.padding,
+                 conv.dilation, conv.groups))
+
+
+class _Local(NamedTuple):
+    """The local branch of one call: centred z rows (N, C), the norm's
+    statistics, scale and bias (C,; None without affine), and local_proj's
+    weight W1 (M, C)."""
+    z: Tensor
+    stats: _Stats
+    scale: Tensor
+    bias: Optional[Tensor]
+    weight: Tensor
+
+    def output(self) -> Tensor:
+        """local = local_proj(local_norm(z)), (N, M)."""
+        folded = (self.weight * self.scale).t()
+        if self.bias is None:
+            return self.z @ folded
+        return torch.addmm(self.weight @ self.bias, self.z, folded)
+
+
+def _local(gen: nn.Module, x: Tensor,
+           stats: Optional[_Stats] = None) -> _Local:
+    """The local branch on x (B, C, H, W); the norm's statistics are
+    computed (and its running ones updated) unless given."""
+    norm = gen.local_norm
+    if stats is not None:
+        z = _depthwise(gen, x, stats.mean)
+    elif uses_batch_statistics(norm):
+        z = _depthwise(gen, x)
+        stats = _statistics(norm, z)
+        z.sub_(stats.mean)
+    else:
+        stats = _statistics(norm, None)
+        z = _depthwise(gen, x, stats.mean)
+    return _Local(z, stats, _scale(norm, stats), norm.bias,
+                  gen.local_proj.weight.flatten(1))
+
+
+def _global(gen: nn.Module, pooled: Optional[Tensor]) -> Optional[Tensor]:
+    """global_proj of the pooled input (B, C) -> (B, M); None without."""
+    if pooled is None:
+        return None
+    return pooled @ gen.global_proj.weight.flatten(1).t()
+
+
+def _combine(gen: nn.Module, local: Tensor,
+             glob: Optional[Tensor]) -> Tensor:
+    """The fusion: local (N, M) and glob (B, M) -> (N, M or 2M)."""
+    if glob is None:
+        return local
+    per_sample = _per_sample(local, glob.shape[0])
+    glob = glob.unsqueeze(1)
+    if gen.fusion == 'add':
+        fused = per_sample + glob
+    elif gen.fusion == 'mul':
+        fused = per_sample * torch.sigmoid(glob)
+    else:
+        fused = torch.cat([per_sample, glob.expand_as(per_sample)], dim=2)
+    return fused.view(local.shape[0], -1)
+
+
+class _Tail(NamedTuple):
+    """The maps after the local branch, as rows."""
+    local: Tensor  # (N, M)
+    glob: Optional[Tensor]  # (B, M)
+    centred: Tensor  # the fusion minus the fusion norm's mean, (N, M')
+    stats: _Stats  # the fusion norm's, (M',)
+    scale: Tensor  # the fusion norm's, (M',)
+    hidden: Tensor  # relu(fuse_norm(fusion)), (N, M')
+
+
+def _tail(gen: nn.Module, local: Tensor, pooled: Optional[Tensor],
+          stats: Optional[_Stats] = None) -> _Tail:
+    """Fusion, fusion norm and ReLU on local rows (N, M); the fusion norm's
+    statistics are computed (and its running ones updated) unless given."""
+    norm = gen.fuse_norm
+    glob = _global(gen, pooled)
+    fused = _combine(gen, local, glob)
+    if stats is None:
+        stats = _statistics(norm, fused)
+    centred = fused - stats.mean
+    scale = _scale(norm, stats)
+    hidden = _normalise(norm, centred, scale).relu_()
+    return _Tail(local, glob, centred, stats, scale, hidden)
+
+
+def _logits(gen: nn.Module, hidden: Tensor, batch: int) -> Tensor:
+    """The head on hidden rows (N, M') -> logits (B, G*K, h*w)."""
+    per_sample = _per_sample(hidden, batch).transpose(1, 2)
+    logits = torch.matmul(gen.head.weight.flatten(1), per_sample)
+    return logits.add_(gen.head.bias[:, None])
+
+
+def _by_group(t: Tensor, gen: nn.Module) -> Tensor:
+    """(B, G*K, h*w) -> (B, G, K, h*w) view."""
+    return t.view(t.shape[0], gen.attn_groups, -1, t.shape[2])
+
+
+def _activate(gen: nn.Module, logits: Tensor) -> Tensor:
+    """Head logits -> A, both (B, G*K, h*w)."""
+    if gen.act == 'softmax':
+        per_group = _by_group(logits, gen)
+        taps = per_group.shape[2]
+        return torch.softmax(per_group, dim=2).mul_(taps).view_as(logits)
+    attn = torch.sigmoid(logits)
+    return attn.mul_(2) if gen.act == '2sigmoid' else attn
+
+
+def _forward(gen: nn.Module, x: Tensor):
+    """(B, C, H, W) -> A (B, G, K, h, w) contiguous, and for backward the
+    pooled input (B, C; None without a global branch) and the two norms'
+    statistics."""
+    local = _local(gen, x)
+    pooled = None if gen.global_proj is None else x.mean((2, 3))
+    tail = _tail(gen, local.output(), pooled)
+    attn = _activate(gen, _logits(gen, tail.hidden, x.shape[0]))
+    attn = attn.view(x.shape[0], gen.attn_groups, -1,
+                     *_local_out_size(gen, x))
+    return attn, pooled, local.stats, tail.stats
+
+
+def fused_attention(gen: nn.Module, x: Tensor) -> Tensor:
+    """(B, C, H, W) -> A (B, G, K, H_out, W_out), for no-grad forwards."""
+    return _forward(gen, x)[0]
+
+
+# --- the generator, backward -------------------------------------------------
+
+
+def _activation_backward(gen: nn.Module, attn: Tensor,
+                         grad: Tensor) -> Tensor:
+    """Gradient at the head logits from A and dA, all (B, G*K, h*w)."""
+    if gen.act == 'softmax':
+        per_group = _by_group(attn, gen)
+        weighted = grad.view_as(per_group) * per_group
+        mean = weighted.mean(2, keepdim=True)
+        return weighted.sub_(per_group * mean).view_as(attn)
+    # sigmoid' = s (1 - s), with s = A / 2 for 2 * sigmoid
+    half = 0.5 if gen.act == '2sigmoid' else 1.0
+    return torch.addcmul(attn, attn, attn, value=-half).mul_(grad)
+
+
+def _combine_backward(gen: nn.Module, tail: _Tail, grad_fused: Tensor):
+    """Gradients of local (N, M) and glob (B, M; None without) from that of
+    the fusion (N, M')."""
+    if tail.glob is None:
+        return grad_fused, None
+    batch, hidden = tail.glob.shape
+    per_sample = _per_sample(grad_fused, batch)
+    if gen.fusion == 'add':
+        return grad_fused, per_sample.sum(1)
+    if gen.fusion == 'mul':
+        gate = torch.sigmoid(tail.glob)
+        grad_local = (per_sample * gate.unsqueeze(1)).view_as(grad_fused)
+        grad_gate = (per_sample * _per_sample(tail.local, batch)).sum(1)
+        return grad_local, grad_gate.mul_(gate - gate * gate)
+    return grad_fused[:, :hidden], per_sample[:, :, hidden:].sum(1)
+
+
+def _tail_backward(gen: nn.Module, tail: _Tail, grad_logits: Tensor):
+    """Backward of head(relu(fuse_norm(fusion))) from the gradient of the
+    logits (B, G*K, h*w).
+
+    Returns:
+        Gradients of the local rows (N, M), of glob (B, M; None without)
+        and of the fusion norm's weight and bias and the head's weight and
+        bias.
+    """
+    hidden = _per_sample(tail.hidden, grad_logits.shape[0])  # (B, h*w, M')
+    grad_head = (grad_logits @ hidden).sum(0).view_as(gen.head.weight)
+    grad_hidden = torch.matmul(grad_logits.transpose(1, 2),
+                               gen.head.weight.flatten(1)).view_as(
+                                   tail.hidden)
+    # the ReLU's backward, from its output
+    grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, tail.hidden,
+                                                    0)
+    grad_gamma, grad_beta, e, f = _norm_backward(
+        gen.fuse_norm, tail.stats, tail.scale, tail.centred.shape[0],
+        grad_hidden.sum(0), (grad_hidden * tail.centred).sum(0))
+    grad_fused = grad_hidden.mul_(tail.scale)
+    if e is not None:
+        grad_fused += torch.addcmul(f, tail.centred, e)
+    grad_local, grad_glob = _combine_backward(gen, tail, grad_fused)
+    return (grad_local, grad_glob, grad_gamma, grad_beta, grad_head,
+            grad_logits.sum((0, 2)))
+
+
+def _local_backward(gen: nn.Module, local: _Local, grad_out: Tensor):
+    """Backward of local = local_proj(local_norm(z)) from its gradient,
+    rows (N, M); overwrites local.z.
+
+    Returns:
+        grad_z rows (N, C) and the gradients of the norm's weight and bias
+        (C,; None without affine) and of local_proj's weight.
+    """
+    cross = grad_out.t() @ local.z  # (M, C)
+    grad_sum = grad_out.sum(0)  # (M,)
+    grad_proj = cross * local.scale
+    if local.bias is not None:
+        grad_proj += torch.outer(grad_sum, local.bias)
+    grad_gamma, grad_beta, e, f = _norm_backward(
+        gen.local_norm, local.stats, local.scale, local.z.shape[0],
+        grad_sum @ local.weight, (cross * local.weight).sum(0))
+    folded = local.weight * local.scale
+    if e is None:
+        grad_z = grad_out @ folded
+    else:
+        # in z's place: z is not needed any more
+        grad_z = torch.addcmul(f, local.z, e, out=local.z)
+        grad_z.addmm_(grad_out, folded)
+    return (grad_z, grad_gamma, grad_beta,
+            grad_proj.view_as(gen.local_proj.weight))
+
+
+def _depthwise_backward(gen: nn.Module, x: Tensor, grad_z: Tensor,
+                        grad_pooled: Optional[Tensor], needs: List[bool]):
+    """Gradients of x (in x's layout; with the pooled input's share
+    grad_pooled (B, C) added) and of the depthwise weight, from grad_z rows
+    (N, C)."""
+    conv = gen.local_conv
+    batch, channels = x.shape[:2]
+    grad_z = grad_z.view(batch, *_local_out_size(gen, x),
+                         channels).permute(0, 3, 1, 2)
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_z, x.contiguous(memory_format=CHANNELS_LAST), conv.weight, None,
+        conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+        [needs[0], needs[1], False])
+    if needs[0]:
+        grad_x = _input_gradient(grad_x, grad_pooled, x)
+    return grad_x, grad_weight
+
+
+def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
+              pooled: Optional[Tensor], local_stats: _Stats,
+              fuse_stats: _Stats, needs: List[bool]):
+    """Gradients of x and of :func:`fused_params`, in that order."""
+    local = _local(gen, x, local_stats)
+    tail = _tail(gen, local.output(), pooled, fuse_stats)
+    grad_logits = _activation_backward(gen, _flat(attn), _flat(grad_attn))
+    (grad_local, grad_glob, grad_fuse_w, grad_fuse_b, grad_head,
+     grad_head_b) = _tail_backward(gen, tail, grad_logits)
+    grad_global = grad_pooled = None
+    if grad_glob is not None:
+        grad_global = (grad_glob.t() @ pooled).view_as(gen.global_proj.weight)
+        grad_pooled = grad_glob @ gen.global_proj.weight.flatten(1)
+    grad_z, grad_local_w, grad_local_b, grad_proj = _local_backward(
+        gen, local, grad_local.contiguous())
+    grad_x, grad_dw = _depthwise_backward(gen, x, grad_z, grad_pooled,
+                                          needs[:2])
+    return (grad_x, grad_dw, grad_local_w, grad_local_b, grad_proj,
+            grad_global, grad_fuse_w, grad_fuse_b, grad_head, grad_head_b)
+
+
+class FusedAttention(torch.autograd.Function):
+    """A = the attention map of x, differentiated without keeping any map
+    larger than (B, C) but A itself (which the AIK op keeps anyway).
+
+    ``apply(gen, x, *fused_params(gen))``: the parameters are passed so that
+    their gradients flow through this function; backward reads them from gen
+    again rather than saving them (they live there anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, gen, x, *params):
+        attn, pooled, local_stats, fuse_stats = _forward(gen, x)
+        ctx.gen = gen
+        ctx.save_for_backward(x, attn, pooled, *local_stats, *fuse_stats)
+        return attn
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_attn):
+        x, attn, pooled, *stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        grads = _backward(ctx.gen, x, attn, grad_attn, pooled,
+                          _Stats(*stats[:2]), _Stats(*stats[2:]), needs)
+        return (None, *(g if need else None for g, need in zip(grads, needs)))
