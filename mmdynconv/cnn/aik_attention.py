@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from .fused_attention import (FusedAttention, can_fuse, fused_attention,
-                              fused_params)
+                              fused_params, uses_batch_statistics)
 
 CONTEXTS = ('local', 'global', 'local_global')
 FUSIONS = ('add', 'mul', 'cat')
@@ -54,11 +54,12 @@ class AIKAttention(nn.Module):
 
     Memory and speed: with plain batch norms (``norm_cfg`` type 'BN'), a
     local branch and float32/float64 input, :mod:`.fused_attention` computes
-    A (in forward and in :meth:`attention_map`, with or without gradients):
-    the local norm folds into the 1*1 projection, and backward recomputes the
-    depthwise conv once and differentiates by hand. It keeps x, A (both kept
-    by the AIK op anyway) and per-channel vectors. Otherwise (other norms
-    such as GN or SyncBN, half precision, autocast, hooks on the submodules,
+    A (in forward and in :meth:`attention_map`) when gradients are recorded
+    or the norms use batch statistics: the local norm folds into the 1*1
+    projection, and backward recomputes the depthwise conv once and
+    differentiates by hand. It keeps x, A (both kept by the AIK op anyway)
+    and per-channel vectors. Otherwise (pure inference; other norms such as
+    GN or SyncBN, half precision, autocast, hooks on the submodules,
     ``torch.jit`` tracing) the modules compute A; when gradients are
     recorded, forward runs them under a checkpoint, which recomputes them in
     backward instead of keeping their intermediates (two of them C-channel
@@ -166,9 +167,21 @@ class AIKAttention(nn.Module):
         return 2 * attn if self.act == '2sigmoid' else attn
 
     def _fusable(self, x: Tensor) -> bool:
-        """Whether :mod:`.fused_attention` computes A for x; not under
-        ``torch.jit`` tracing, which should see the modules."""
-        return not torch.jit.is_tracing() and can_fuse(self, x)
+        """Whether :mod:`.fused_attention` computes A for x.
+
+        Not under ``torch.jit`` tracing, which should see the modules, nor
+        for pure inference (no gradients, no batch statistics), where the
+        modules are faster. A reentrant checkpoint's first pass (no
+        gradients, batch statistics) gets the same arithmetic as its
+        recomputation.
+        """
+        if torch.jit.is_tracing():
+            return False
+        batch_statistics = any(
+            isinstance(norm, _BatchNorm) and uses_batch_statistics(norm)
+            for norm in (self.local_norm, self.fuse_norm))
+        return ((torch.is_grad_enabled() or batch_statistics)
+                and can_fuse(self, x))
 
     def _fused_attention_map(self, x: Tensor) -> Tensor:
         """attention_map(x) by :mod:`.fused_attention`."""
