@@ -4,11 +4,13 @@ At ResNet-50's 3x3 residual-conv shapes (batch 2, 224x224 input), times
 forward (eval, no grad) and forward+backward (train), and measures the bytes
 autograd keeps for backward (unique storages seen by saved_tensors_hooks) and
 the peak memory allocated during forward+backward (profiler memory events).
-Rows: (a) nn.Conv2d, (b) the whole AIKConv2d layer (generator included),
-(b') the AIK op alone with the attention given as a parameter (the
-difference to (b) is the generator's share), (c) the whole layer on the
-reference op path, (d) mmcv's DCNv2 (ModulatedDeformConv2dPack), (e) a
-CondConv/DyConv-style 4-expert dynamic conv.
+Rows: (a) nn.Conv2d, (b) the whole AIKConv2d layer (generator included,
+the op on its default CPU path, the compiled extension), (b') the AIK op
+alone with the attention given as a parameter (the difference to (b) is the
+generator's share), (b'') the whole layer with the op on the plain torch
+path, (c) the whole layer on the reference op path, (d) mmcv's DCNv2
+(ModulatedDeformConv2dPack), (e) a CondConv/DyConv-style 4-expert dynamic
+conv.
 Ratios are to (a), measured in this one process.
 
 Multiply-adds: every nn.Conv2d / nn.Linear call inside a layer is counted by a
@@ -61,6 +63,8 @@ def build_layers(channels, size, stride, batch):
         'AIK layer': AIKConv2d(channels, channels, 3, stride, 1, bias=False),
         'AIK op, A given': AIKOp(channels, stride, batch,
                                  ((size - 1) // stride + 1, ) * 2),
+        'AIK layer, torch op': aik_layer('torch')(channels, channels, 3,
+                                                  stride, 1, bias=False),
         'AIK reference': aik_layer('reference')(channels, channels, 3, stride,
                                                 1, bias=False),
         'CondConv-4': DynamicConv4(channels, stride),
