@@ -58,7 +58,7 @@ log "installing the cached mmcv wheel and the rest of the stack"
 "${PIP[@]}" "$MMCV_WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl
 "${PIP[@]}" -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
 log "installing mmdynconv (compiles its CPU extension, about a minute)"
-"${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+"${PIP[@]}" --no-deps --no-build-isolation --use-pep517 -e "$ROOT"
 
 "$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpretrain, mmdynconv.ops._aik_cpu' \
   || { log "the installed stack does not import"; exit 1; }

@@ -23,6 +23,8 @@
 //   is too big to re-read per small tile): each GEMM on all threads, on
 //   copies of y and dy with images side by side (they are small here); the
 //   element-wise passes in parallel over bands of output rows.
+// Strided convolutions read x through its stride phases (see Geometry), so
+// that every pass runs over unit-stride rows.
 // Input-gradient passes that run at the same time must not touch the same
 // input row: they take bands of output rows in two phases, even then odd
 // bands, with each band tall enough that bands two apart read disjoint rows.
@@ -34,24 +36,25 @@
 
 namespace {
 
+// With stride s, x is read through its s_h*s_w phase planes,
+// plane (p, q)[h', w'] = x[h'*s_h + p, w'*s_w + q] (zero past the input), of
+// plane_h x plane_w pixels: every tap then reads a plane with unit stride,
+// output position (oh, ow) at plane pixel (oh + di, ow + dj) (see TapRow).
+// With stride 1 the one plane is x itself.
 struct Geometry {
   int64_t batch, channels, height, width;
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
   int64_t out_h, out_w, attn_groups;
+  int64_t plane_h, plane_w;
 
   int64_t taps() const { return kh * kw; }
   int64_t cols() const { return channels * taps(); }
   int64_t positions() const { return out_h * out_w; }
-  // Output columns ow whose tap column j reads inside the input: [lo, hi).
-  int64_t ow_begin(int64_t j) const {
-    const int64_t first = pw - j * dw;  // iw = ow*sw - first >= 0
-    return first <= 0 ? 0 : std::min(out_w, (first + sw - 1) / sw);
-  }
-  int64_t ow_end(int64_t j) const {
-    const int64_t limit = width - 1 + pw - j * dw;  // iw <= width - 1
-    return limit < 0 ? 0 : std::min(out_w, limit / sw + 1);
-  }
+  int64_t phases() const { return sh * sw; }
+  int64_t plane_size() const { return plane_h * plane_w; }
 };
+
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
 // Output rows oh0 <= oh < oh1 of image b; index counts the bands of the image.
 struct Band {
@@ -97,14 +100,19 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& attn, at::IntArray
              attn.size(3), attn.size(4), attn.size(1)};
   TORCH_CHECK(attn.size(0) == g.batch && attn.size(2) == g.taps() && g.channels % g.attn_groups == 0,
               "attn does not match x and the kernel");
+  g.plane_h = (g.height + g.sh - 1) / g.sh;
+  g.plane_w = (g.width + g.sw - 1) / g.sw;
   return g;
 }
 
 // Bands of `height` output rows (at least the input-gradient minimum) of image b.
-// The minimum leaves one spare input row between bands two apart, which the
-// flat runs of scatter_patch_grad may touch (adding zero) at their ends.
+// Taps read plane rows oh + di with di in [di_min, di_max]; the minimum
+// keeps bands two apart on disjoint plane rows with one spare row between,
+// which the flat runs of scatter_patch_grad may touch (adding zero) at their
+// ends.
 std::vector<Band> make_bands(const Geometry& g, int64_t b, int64_t height) {
-  const int64_t min_height = (g.dh * (g.kh - 1) + g.sh - 1) / g.sh + 1;
+  const int64_t di_min = floor_div(-g.ph, g.sh), di_max = floor_div(g.dh * (g.kh - 1) - g.ph, g.sh);
+  const int64_t min_height = di_max - di_min + 2;
   height = std::min(g.out_h, std::max(min_height, height));
   std::vector<Band> bands;
   for (int64_t oh = 0, k = 0; oh < g.out_h; oh += height, ++k) {
@@ -204,14 +212,14 @@ struct TileData {
 };
 
 // One (channel, tap) row of a part (a band of image b): where it sits in the
-// tile matrix, in attn and in x.
+// tile matrix, in attn and in the phase planes of x.
 struct TapRow {
-  int64_t j;
   int64_t matrix_offset;  // of (c*K + t, the part's first position) in the tile matrix
   int64_t attn_offset;    // of (b, a(c), t, 0, 0) in attn
-  int64_t x_plane;        // of (b, c, 0, 0) in x
-  int64_t x_offset;       // x_plane shifted by the tap: + (i*dh - ph)*W + j*dw - pw
-  int64_t di;             // input row minus output row * stride: i*dh - ph
+  int64_t x_plane;        // of the tap's phase plane of (b, c)
+  int64_t x_offset;       // x_plane + di*plane_w + dj: output position (oh, ow) reads
+                          // x_offset + oh*plane_w + ow
+  int64_t di, dj;         // plane pixel minus output position
 };
 
 // Calls fn(row) for each (channel, tap) of the part.
@@ -220,42 +228,50 @@ void for_each_tap_row(const Geometry& g, const Tile& tile, const Band& part, con
   const int64_t R = tile.positions(g), Cg = g.channels / g.attn_groups;
   const int64_t first_position = ((part.b - tile.b0) * (tile.oh1 - tile.oh0) + part.oh0 - tile.oh0) * g.out_w;
   for (int64_t c = 0; c < g.channels; ++c) {
-    const int64_t x_plane = (part.b * g.channels + c) * g.height * g.width;
     for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t row_shift = i * g.dh - g.ph, di = floor_div(row_shift, g.sh);
       for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t t = i * g.kw + j, di = i * g.dh - g.ph;
-        fn(TapRow{j, (c * g.taps() + t) * R + first_position,
+        const int64_t col_shift = j * g.dw - g.pw, dj = floor_div(col_shift, g.sw);
+        const int64_t phase = (row_shift - di * g.sh) * g.sw + col_shift - dj * g.sw;
+        const int64_t t = i * g.kw + j;
+        const int64_t x_plane = ((part.b * g.channels + c) * g.phases() + phase) * g.plane_size();
+        fn(TapRow{(c * g.taps() + t) * R + first_position,
                   ((part.b * g.attn_groups + c / Cg) * g.taps() + t) * g.positions(), x_plane,
-                  x_plane + di * g.width + j * g.dw - g.pw, di});
+                  x_plane + di * g.plane_w + dj, di, dj});
       }
     }
   }
 }
 
-// Output rows of the part whose tap row reads inside the input: [first, last).
+// Output rows of the part whose tap reads inside its plane: [first, last).
 std::pair<int64_t, int64_t> inside_rows(const Geometry& g, const Band& part, int64_t di) {
-  const int64_t first = std::min(part.oh1, std::max(part.oh0, di >= 0 ? 0 : (-di + g.sh - 1) / g.sh));
-  const int64_t last = std::min(part.oh1, g.height - 1 - di < 0 ? 0 : (g.height - 1 - di) / g.sh + 1);
-  return {first, std::max(first, last)};
+  const int64_t first = std::clamp(-di, part.oh0, part.oh1);
+  return {first, std::clamp(g.plane_h - di, first, part.oh1)};
 }
 
-// With stride 1 and W_out == W, output position k = oh*W_out + ow of a tap
-// reads x at k + x_offset, so a tap's rows form one flat run; the run's
-// wrap-around columns (where the tap falls in the side padding) are handled
+// Output columns whose tap reads inside its plane: [begin, end).
+std::pair<int64_t, int64_t> inside_columns(const Geometry& g, int64_t dj) {
+  const int64_t begin = std::clamp<int64_t>(-dj, 0, g.out_w);
+  return {begin, std::clamp(g.plane_w - dj, begin, g.out_w)};
+}
+
+// With plane_w == W_out, output position k = oh*W_out + ow of a tap reads
+// its plane at k + x_offset, so a tap's rows form one flat run; the run's
+// wrap-around columns (where the tap falls outside the plane) are handled
 // apart. Returns the run's positions [begin, end) whose reads stay inside the
-// channel's plane, for the output rows [first, last).
-bool flat_runs(const Geometry& g) { return g.sh == 1 && g.sw == 1 && g.out_w == g.width; }
+// plane, for the output rows [first, last).
+bool flat_runs(const Geometry& g) { return g.out_w == g.plane_w; }
 
 std::pair<int64_t, int64_t> flat_run(const Geometry& g, const TapRow& row, int64_t first, int64_t last) {
   const int64_t shift = row.x_offset - row.x_plane;
-  return {std::max(first * g.out_w, -shift), std::min(last * g.out_w, g.height * g.width - shift)};
+  return {std::max(first * g.out_w, -shift), std::min(last * g.out_w, g.plane_size() - shift)};
 }
 
-// Sets the side-padding columns [0, ow_begin) and [ow_end, W_out) of rows [first, last) of m to zero;
-// m points at output position (0, 0).
+// Sets the columns of rows [first, last) of m whose tap reads outside its
+// plane to zero; m points at output position (0, 0).
 template <typename scalar_t>
-void zero_side_columns(const Geometry& g, int64_t j, int64_t first, int64_t last, scalar_t* m) {
-  const int64_t lo = g.ow_begin(j), hi = std::max(lo, g.ow_end(j));
+void zero_side_columns(const Geometry& g, int64_t dj, int64_t first, int64_t last, scalar_t* m) {
+  const auto [lo, hi] = inside_columns(g, dj);
   for (int64_t oh = first; oh < last; ++oh) {
     std::fill(m + oh * g.out_w, m + oh * g.out_w + lo, scalar_t(0));
     std::fill(m + oh * g.out_w + hi, m + (oh + 1) * g.out_w, scalar_t(0));
@@ -265,7 +281,6 @@ void zero_side_columns(const Geometry& g, int64_t j, int64_t first, int64_t last
 // P[c*K + t, r] = attn[a(c), t, r] * x[c, window(r, t)], zero in the padding.
 template <typename scalar_t>
 void build_patches(const Geometry& g, const Tile& tile, const Band& part, const TileData<scalar_t>& d) {
-  const int64_t sw = g.sw;
   for_each_tap_row(g, tile, part, [&](const TapRow& row) {
     // m, a, src: indexed by output position (oh, ow) -> oh*W_out + ow of the image
     scalar_t* m = d.matrix + row.matrix_offset - part.oh0 * g.out_w;
@@ -278,17 +293,17 @@ void build_patches(const Geometry& g, const Tile& tile, const Band& part, const 
       const auto [begin, end] = flat_run(g, row, first, last);
 #pragma omp simd
       for (int64_t k = begin; k < end; ++k) m[k] = a[k] * src[k];
-      zero_side_columns(g, row.j, first, last, m);
+      zero_side_columns(g, row.dj, first, last, m);
       return;
     }
-    const int64_t lo = g.ow_begin(row.j), hi = std::max(lo, g.ow_end(row.j));
-    zero_side_columns(g, row.j, first, last, m);
+    const auto [lo, hi] = inside_columns(g, row.dj);
+    zero_side_columns(g, row.dj, first, last, m);
     for (int64_t oh = first; oh < last; ++oh) {
       scalar_t* m_row = m + oh * g.out_w;
       const scalar_t* a_row = a + oh * g.out_w;
-      const scalar_t* src_row = src + oh * g.sh * g.width;
+      const scalar_t* src_row = src + oh * g.plane_w;
 #pragma omp simd
-      for (int64_t ow = lo; ow < hi; ++ow) m_row[ow] = a_row[ow] * src_row[ow * sw];
+      for (int64_t ow = lo; ow < hi; ++ow) m_row[ow] = a_row[ow] * src_row[ow];
     }
   });
 }
@@ -300,7 +315,6 @@ void build_patches(const Geometry& g, const Tile& tile, const Band& part, const 
 template <typename scalar_t>
 void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
                         const TileData<scalar_t>& d) {
-  const int64_t sw = g.sw;
   if (d.grad_attn) {
     for (int64_t a = 0; a < g.attn_groups * g.taps(); ++a) {
       scalar_t* row = d.grad_attn + (part.b * g.attn_groups * g.taps() + a) * g.positions() +
@@ -315,7 +329,7 @@ void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
     scalar_t* ga = d.grad_attn ? d.grad_attn + row.attn_offset : nullptr;
     scalar_t* gx = d.grad_x ? d.grad_x + row.x_offset : nullptr;
     const auto [first, last] = inside_rows(g, part, row.di);
-    zero_side_columns(g, row.j, first, last, q);
+    zero_side_columns(g, row.dj, first, last, q);
     if (flat_runs(g)) {
       const auto [begin, end] = flat_run(g, row, first, last);
       if (ga) {
@@ -328,16 +342,16 @@ void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
       }
       return;
     }
-    const int64_t lo = g.ow_begin(row.j), hi = std::max(lo, g.ow_end(row.j));
+    const auto [lo, hi] = inside_columns(g, row.dj);
     for (int64_t oh = first; oh < last; ++oh) {
-      const int64_t r = oh * g.out_w, x_row = oh * g.sh * g.width;
+      const int64_t r = oh * g.out_w, x_row = oh * g.plane_w;
       if (ga) {
 #pragma omp simd
-        for (int64_t ow = lo; ow < hi; ++ow) ga[r + ow] += q[r + ow] * src[x_row + ow * sw];
+        for (int64_t ow = lo; ow < hi; ++ow) ga[r + ow] += q[r + ow] * src[x_row + ow];
       }
       if (gx) {
 #pragma omp simd
-        for (int64_t ow = lo; ow < hi; ++ow) gx[x_row + ow * sw] += a[r + ow] * q[r + ow];
+        for (int64_t ow = lo; ow < hi; ++ow) gx[x_row + ow] += a[r + ow] * q[r + ow];
       }
     }
   });
@@ -381,6 +395,28 @@ TileData<scalar_t> tile_data(const at::Tensor& x, const at::Tensor& attn, at::Te
           grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr};
 }
 
+// x (B, C, H, W) -> its phase planes (B, C, s_h*s_w, plane_h, plane_w),
+// contiguous; x itself for stride 1.
+at::Tensor phase_planes(const at::Tensor& x, const Geometry& g) {
+  if (g.phases() == 1) return x;
+  const at::Tensor padded = at::constant_pad_nd(
+      x, {0, g.plane_w * g.sw - g.width, 0, g.plane_h * g.sh - g.height});
+  return padded.view({g.batch, g.channels, g.plane_h, g.sh, g.plane_w, g.sw})
+      .permute({0, 1, 3, 5, 2, 4})
+      .contiguous();
+}
+
+// Inverse of phase_planes for a gradient: (B, C, s_h*s_w, plane_h, plane_w) -> (B, C, H, W).
+at::Tensor from_phase_planes(const at::Tensor& planes, const Geometry& g) {
+  if (g.phases() == 1) return planes;
+  return planes.view({g.batch, g.channels, g.sh, g.sw, g.plane_h, g.plane_w})
+      .permute({0, 1, 4, 2, 5, 3})
+      .reshape({g.batch, g.channels, g.plane_h * g.sh, g.plane_w * g.sw})
+      .narrow(2, 0, g.height)
+      .narrow(3, 0, g.width)
+      .contiguous();
+}
+
 }  // namespace
 
 // x (B, C, H, W), attn (B, G, K, H_out, W_out), weight (O, C, kh, kw), all
@@ -393,13 +429,14 @@ at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Te
               "weight must be a contiguous (O, C, kh, kw) tensor");
   const Schedule schedule = make_schedule(g, tile_elements, thread_elements);
   const at::Tensor wmat = weight.view({weight.size(0), g.cols()});
+  const at::Tensor planes = phase_planes(x, g);
   at::Tensor out = at::empty({g.batch, weight.size(0), g.positions()}, x.options());
   at::Tensor buffers = at::empty({buffer_count(schedule), g.cols() * schedule.max_positions(g)}, x.options());
   at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_forward", [&] {
     for_each_tile(schedule, false, [&](const Tile& tile, int64_t thread) {
       at::Tensor patches = tile_matrix(buffers, thread, g, tile);
-      const auto data = tile_data<scalar_t>(x, attn, patches, none, none);
+      const auto data = tile_data<scalar_t>(planes, attn, patches, none, none);
       for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
       multiply_into_columns(out, wmat, patches, g, tile);
     });
@@ -424,7 +461,8 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   const bool need_q = need_input || need_attn;
   const at::Tensor wmat = weight.view({O, g.cols()});
   const at::Tensor dy = grad_out.view({g.batch, O, g.positions()});
-  at::Tensor grad_x = need_input ? at::zeros_like(x) : at::Tensor();
+  const at::Tensor planes = phase_planes(x, g);
+  at::Tensor grad_planes = need_input ? at::zeros_like(planes) : at::Tensor();
   at::Tensor grad_attn = need_attn ? at::empty_like(attn) : at::Tensor();
   // One weight-gradient partial per thread when tiles run in parallel (each
   // starts at zero); one in all otherwise, which the first tile overwrites.
@@ -442,13 +480,13 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
       if (need_q) {
         at::Tensor q = tile_matrix(q_buffers, thread, g, tile);
         at::mm_out(q, wmat.t(), tile_dy);
-        const auto data = tile_data<scalar_t>(x, attn, q, grad_attn, grad_x);
+        const auto data = tile_data<scalar_t>(planes, attn, q, grad_attn, grad_planes);
         for_each_part(schedule, tile, need_input,
                       [&](const Band& part) { scatter_patch_grad(g, tile, part, data); });
       }
       if (need_weight) {
         at::Tensor patches = tile_matrix(patch_buffers, thread, g, tile);
-        const auto data = tile_data<scalar_t>(x, attn, patches, none, none);
+        const auto data = tile_data<scalar_t>(planes, attn, patches, none, none);
         for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
         at::Tensor part = grad_w_parts.select(0, thread);
         if (schedule.parallel_tiles || &tile != &schedule.tiles.front()) {
@@ -463,6 +501,7 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   if (need_weight) {
     grad_weight = (buffers == 1 ? grad_w_parts.select(0, 0) : grad_w_parts.sum(0)).view(weight.sizes());
   }
+  at::Tensor grad_x = need_input ? from_phase_planes(grad_planes, g) : at::Tensor();
   return {grad_x, grad_attn, grad_weight};
 }
 
