@@ -11,7 +11,8 @@ generator's share), (b'') the whole layer with the op on the plain torch
 path, (c) the whole layer on the reference op path, (d) mmcv's DCNv2
 (ModulatedDeformConv2dPack), (e) a CondConv/DyConv-style 4-expert dynamic
 conv.
-Ratios are to (a), measured in this one process.
+Ratios are to (a), measured in this one process; the rows are timed in turn
+within every run (medians over runs), so a slow spell hits them alike.
 
 Multiply-adds: every nn.Conv2d / nn.Linear call inside a layer is counted by a
 forward hook (out elements * in_channels/groups * kh*kw), plus what hooks
@@ -28,6 +29,7 @@ waiting on a descheduled sibling (times then jump in whole scheduler slices).
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -111,15 +113,19 @@ def count_macs(layer, x):
     return total
 
 
-def median_seconds(fn, runs, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns, runs, warmup=3):
+    """Median seconds of each of fns (name -> callable), timed in turn within
+    every run, so that a slow spell of the machine hits every row alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_bytes(fn):
@@ -146,27 +152,33 @@ def bench_shape(channels, size, stride, batch, runs):
     torch.manual_seed(0)
     layers = build_layers(channels, size, stride, batch)
     x = torch.randn(batch, channels, size, size)
+    x_grad = x.clone().requires_grad_()
+
+    def forward(layer):
+        with torch.no_grad():
+            layer(x)
+
+    def forward_backward(layer):
+        layer(x_grad).sum().backward()
+
+    for layer in layers.values():
+        layer.eval()
+    fwd = interleaved_medians(
+        {name: partial(forward, layer)
+         for name, layer in layers.items()}, runs)
+    for layer in layers.values():
+        layer.train()
+    fwd_bwd = interleaved_medians(
+        {name: partial(forward_backward, layer)
+         for name, layer in layers.items()}, runs)
     rows = []
     for name, layer in layers.items():
-        x_grad = x.clone().requires_grad_()
-
-        def forward():
-            with torch.no_grad():
-                layer(x)
-
-        def forward_backward():
-            layer(x_grad).sum().backward()
-
-        layer.eval()
-        fwd = median_seconds(forward, runs)
-        layer.train()
-        fwd_bwd = median_seconds(forward_backward, runs)
         rows.append(
             dict(name=name,
-                 fwd=fwd,
-                 fwd_bwd=fwd_bwd,
+                 fwd=fwd[name],
+                 fwd_bwd=fwd_bwd[name],
                  saved=saved_bytes(lambda: layer(x_grad)),
-                 peak=peak_bytes(forward_backward),
+                 peak=peak_bytes(partial(forward_backward, layer)),
                  params=sum(p.numel() for p in layer.parameters()),
                  macs=count_macs(layer.eval(), x)))
     return rows
@@ -200,7 +212,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
-          f'batch {args.batch}, median of {args.runs} runs after 3 warm-up')
+          f'batch {args.batch}, median of {args.runs} interleaved runs after '
+          '3 warm-up')
     for shape in SHAPES:
         print(format_table(shape, bench_shape(*shape, args.batch, args.runs)),
               flush=True)
