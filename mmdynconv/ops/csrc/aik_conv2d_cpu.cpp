@@ -61,8 +61,9 @@ struct Band {
   int64_t b, oh0, oh1, index;
 };
 
-// A tile: output rows oh0 <= oh < oh1 of images b0 <= b < b1 (one image, or
-// whole images), matched with the columns (image-major) of its patch matrix.
+// A tile: output rows oh0 <= oh < oh1 of images b0 <= b < b1 (a band of one
+// image, or the whole batch), matched with the columns (image-major) of its
+// patch matrix.
 // Its element-wise passes are split into parts, bands of single images.
 struct Tile {
   int64_t b0, b1, oh0, oh1, index;
@@ -151,10 +152,9 @@ Schedule make_schedule(const Geometry& g, int64_t tile_elements, int64_t thread_
 
 // Calls fn(i, thread) for 0 <= i < count in parallel, giving each thread at
 // least the schedule's thread_elements matrix elements (an item has
-// `elements`); with two
-// phases, first for the i of even parity(i), then for the odd ones. Worker
-// threads do not inherit the caller's autograd state, so GEMMs run by fn are
-// dispatched below autograd.
+// `elements`); with two phases, first for the i of even parity(i), then for
+// the odd ones. Worker threads do not inherit the caller's autograd state,
+// so GEMMs run by fn are dispatched below autograd.
 template <typename Parity, typename Fn>
 void parallel_in_phases(const Schedule& schedule, int64_t count, int64_t elements, bool two_phases,
                         const Parity& parity, const Fn& fn) {
@@ -465,7 +465,7 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   at::Tensor grad_planes = need_input ? at::zeros_like(planes) : at::Tensor();
   at::Tensor grad_attn = need_attn ? at::empty_like(attn) : at::Tensor();
   // One weight-gradient partial per thread when tiles run in parallel (each
-  // starts at zero); one in all otherwise, which the first tile overwrites.
+  // starts at zero); otherwise the one tile writes the gradient.
   at::Tensor grad_w_parts;
   if (need_weight) {
     grad_w_parts = schedule.parallel_tiles ? at::zeros({buffers, O, g.cols()}, x.options())
@@ -489,7 +489,7 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
         const auto data = tile_data<scalar_t>(planes, attn, patches, none, none);
         for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
         at::Tensor part = grad_w_parts.select(0, thread);
-        if (schedule.parallel_tiles || &tile != &schedule.tiles.front()) {
+        if (schedule.parallel_tiles) {
           part.addmm_(tile_dy, patches.t());
         } else {
           at::mm_out(part, tile_dy, patches.t());
