@@ -7,7 +7,8 @@ part of the output in place. Backward, per tile: one GEMM gives the patch
 gradient, one fused pass turns it into the attention and input gradients,
 and the rebuilt patches feed one GEMM into the weight gradient. Thin layers
 with large maps run small cache-resident tiles in parallel; wide layers with
-small maps run one image at a time with every GEMM on all threads. Autograd
+small maps run the whole batch as one tile with every GEMM on all threads.
+Strided convolutions read the input through its stride phases. Autograd
 keeps only (input, attn, weight), as in the torch path.
 
 The extension works on contiguous NCHW tensors; channels_last input is

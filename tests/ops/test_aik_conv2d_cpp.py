@@ -1,5 +1,5 @@
 """The compiled CPU path against the float64 loop reference, on both of its
-schedules (parallel cache-sized tiles, and one image at a time)."""
+schedules (parallel cache-sized tiles, and the whole batch as one tile)."""
 import itertools
 
 import pytest
@@ -28,8 +28,9 @@ def grads_of(case, args, impl):
 @pytest.mark.parametrize('tile_elements', [1, 300, 1 << 17])
 def test_schedules_match_reference(monkeypatch, threads, tile_elements):
     """Tiny tile budgets force many parallel tiles (and, with two threads,
-    concurrent input-gradient bands); the default budget runs one image at
-    a time at these sizes. Every pass may start threads, however small."""
+    concurrent input-gradient bands); the default budget runs the whole
+    batch as one tile at these sizes. Every pass may start threads, however
+    small."""
     monkeypatch.setattr(cpp, 'TILE_ELEMENTS', tile_elements)
     monkeypatch.setattr(cpp, 'THREAD_ELEMENTS', 1)
     old_threads = torch.get_num_threads()
