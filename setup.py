@@ -32,9 +32,11 @@ setup(
     # one torch already loaded (its libgomp.so.1).
     ext_modules=[
         CppExtension(
-            'mmdynconv.ops._aik_cpu', ['mmdynconv/ops/csrc/aik_conv2d_cpu.cpp'],
+            f'mmdynconv.ops._{name}', [f'mmdynconv/ops/csrc/{source}'],
             extra_compile_args=['-O3', '-march=native', '-fopenmp'],
             extra_link_args=['-fopenmp'])
+        for name, source in [('aik_cpu', 'aik_conv2d_cpu.cpp'),
+                             ('depthwise_cpu', 'depthwise_context_cpu.cpp')]
     ],
     cmdclass={'build_ext': BuildExtension},
     license='Apache-2.0',

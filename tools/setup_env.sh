@@ -60,7 +60,7 @@ log "installing the cached mmcv wheel and the rest of the stack"
 log "installing mmdynconv (compiles its CPU extension, about a minute)"
 "${PIP[@]}" --no-deps --no-build-isolation --use-pep517 -e "$ROOT"
 
-"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpretrain, mmdynconv.ops._aik_cpu' \
+"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpretrain, mmdynconv.ops._aik_cpu, mmdynconv.ops._depthwise_cpu' \
   || { log "the installed stack does not import"; exit 1; }
 fingerprint > "$STAMP"
 log "done"

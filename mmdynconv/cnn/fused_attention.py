@@ -2,41 +2,41 @@
 convolution (:class:`~mmdynconv.cnn.AIKAttention`) whose norms are plain
 batch norms.
 
-Every map after the depthwise conv is held as rows, (N, channels) with
-N = B * H_out * W_out, i.e. channels-last, so that 1*1 convs are GEMMs; the
-head's GEMM writes the logits and A as contiguous (B, G*K, H_out*W_out), the
-layout the AIK op reads.
+Every map is held per sample as (B, channels, P), P = H_out * W_out (NCHW
+with the spatial dims flattened), so that 1*1 convs are batched GEMMs
+W @ map; the head's GEMM writes the logits and A as contiguous
+(B, G*K, P), the layout the AIK op reads.
 
-The local branch is ``local_proj(local_norm(local_conv(x)))``: a 1*1 conv W1
-after a batch norm after a depthwise conv. With z = local_conv(x) centred by
-the norm's mean, the norm is z * a + beta per channel, a = gamma * invstd,
-so
+The full-resolution part, the depthwise conv z = local_conv(x) centred by
+the local norm's mean, that mean, the batch variance and the pooled input
+for the global branch, is one pass over x
+(:func:`mmdynconv.ops.depthwise_context`, compiled on CPU). The norm is
+z * a + beta per channel, a = gamma * invstd, so
 
-    local = z (W1 * a)^T + W1 beta,
+    local = (W1 * a) @ z + W1 @ beta,
 
 and the normalised C-channel map is never built. Backward recomputes the
-centred z once (the mean as the depthwise conv's bias) and gets the norm's
-reductions from the GEMM that gives W1's gradient:
+centred z once and gets the norm's reductions from the GEMM that gives
+W1's gradient:
 
-    S = dlocal^T z (M, C),  sum_n g = sum_n dlocal W1,
-    sum_n g * z = sum_m W1[m] * S[m]   (g: the gradient at the norm's output).
+    S = sum_b dlocal_b @ z_b^T (M, C),  sum g = sum dlocal W1,
+    sum g * z = sum_m W1[m] * S[m]   (g: the gradient at the norm's output);
+
+the norm's remaining per-channel terms join the depthwise conv's backward
+pass (:func:`mmdynconv.ops.depthwise_context_backward`).
 
 The tail (fusion, fusion norm, ReLU, head, activation) works on M or fewer
-channels and is differentiated by hand from the recomputed local rows and
+channels and is differentiated by hand from the recomputed local maps and
 the attention itself (which the AIK op keeps anyway).
-
-The depthwise conv runs channels-last: on CPU it is several times faster so,
-layout conversions included.
 """
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-CHANNELS_LAST = torch.channels_last
-
+from mmdynconv.ops.depthwise_context import (depthwise_context,
+                                            depthwise_context_backward)
 
 def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
     """Whether ``norm`` normalises by the batch's statistics (as
@@ -119,22 +119,30 @@ class _Stats(NamedTuple):
     invstd: Tensor
 
 
-def _statistics(norm: nn.BatchNorm2d, rows: Optional[Tensor]) -> _Stats:
-    """The statistics ``norm`` normalises rows (N, C) by (rows may be None
-    when it uses its running statistics).
+def _statistics(norm: nn.BatchNorm2d, maps: Optional[Tensor]) -> _Stats:
+    """The statistics ``norm`` normalises maps (B, C, P) by (maps may be
+    None when it uses its running statistics); updates the running ones as
+    one forward of ``norm`` does."""
+    if not uses_batch_statistics(norm):
+        return _Stats(norm.running_mean.clone(),
+                      torch.rsqrt(norm.running_var + norm.eps))
+    var, mean = torch.var_mean(maps, (0, 2), correction=0)
+    return _batch_statistics(norm, mean, var, maps.numel() // maps.shape[1])
+
+
+def _batch_statistics(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor,
+                      count: int) -> _Stats:
+    """The statistics of a batch of count values per channel with mean and
+    biased variance var (C,).
 
     Updates the running statistics and ``num_batches_tracked`` exactly as one
-    forward of ``norm`` does (momentum None: cumulative average; running_var
-    from the unbiased variance).
+    training forward of ``norm`` does (momentum None: cumulative average;
+    running_var from the unbiased variance).
     """
-    if not uses_batch_statistics(norm):
-        mean, var = norm.running_mean.clone(), norm.running_var
-    elif norm.training and norm.track_running_stats:
-        mean, var = torch.batch_norm_update_stats(rows, norm.running_mean,
-                                                  norm.running_var,
-                                                  _momentum(norm))
-    else:
-        mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
+    if norm.training and norm.track_running_stats:
+        momentum = _momentum(norm)
+        norm.running_mean.lerp_(mean, momentum)
+        norm.running_var.lerp_(var * (count / (count - 1)), momentum)
     return _Stats(mean, torch.rsqrt(var + norm.eps))
 
 
@@ -149,7 +157,7 @@ def _momentum(norm: nn.BatchNorm2d) -> float:
 
 
 def _scale(norm: nn.BatchNorm2d, stats: _Stats) -> Tensor:
-    """(C,) with norm(rows) = (rows - mean) * scale + bias."""
+    """(C,) with norm(maps) = (maps - mean) * scale + bias."""
     if norm.weight is None:
         return stats.invstd
     return norm.weight * stats.invstd
@@ -157,10 +165,10 @@ def _scale(norm: nn.BatchNorm2d, stats: _Stats) -> Tensor:
 
 def _normalise(norm: nn.BatchNorm2d, centred: Tensor,
                scale: Tensor) -> Tensor:
-    """norm's output from centred rows (N, C)."""
+    """norm's output from centred maps (B, C, P)."""
     if norm.bias is None:
-        return centred * scale
-    return torch.addcmul(norm.bias, centred, scale)
+        return centred * scale[:, None]
+    return torch.addcmul(norm.bias[:, None], centred, scale[:, None])
 
 
 def _norm_backward(norm: nn.BatchNorm2d, stats: _Stats, scale: Tensor,
@@ -184,85 +192,48 @@ def _norm_backward(norm: nn.BatchNorm2d, stats: _Stats, scale: Tensor,
     return grad_weight, grad_sum, e, f
 
 
-# --- layouts -----------------------------------------------------------------
-
-
-def _rows(t: Tensor) -> Tensor:
-    """(B, C, h, w) -> (B*h*w, C); a view for channels-last t."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
-def _flat(attn: Tensor) -> Tensor:
-    """(B, G, K, h, w) -> (B, G*K, h*w); a view for contiguous attn."""
-    return attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2], -1)
-
-
-def _per_sample(rows: Tensor, batch: int) -> Tensor:
-    """(N, C) -> (B, h*w, C) view."""
-    return rows.view(batch, -1, rows.shape[1])
-
-
-def _input_gradient(grad_x: Tensor, grad_pooled: Optional[Tensor],
-                    x: Tensor) -> Tensor:
-    """grad_x (B, C, H, W) plus the share of the pooled input's gradient
-    grad_pooled (B, C; None for none), in x's memory layout."""
-    if grad_pooled is None:
-        if grad_x.stride() == x.stride():
-            return grad_x
-        return torch.empty_like(x).copy_(grad_x)
-    share = grad_pooled.div_(x.shape[2] * x.shape[3])[:, :, None, None]
-    # one pass that also changes the layout
-    return torch.add(grad_x, share, out=torch.empty_like(x))
-
-
 # --- the generator, forward --------------------------------------------------
 
 
-def _depthwise(gen: nn.Module, x: Tensor,
-               mean: Optional[Tensor] = None) -> Tensor:
-    """(B, C, H, W) -> rows (N, C) of local_conv(x) - mean (mean (C,) or
-    None for 0), channels-last."""
-    conv = gen.local_conv
-    return _rows(
-        F.conv2d(x.contiguous(memory_format=CHANNELS_LAST), conv.weight,
-                 None if mean is None else -mean, conv.stride, conv.padding,
-                 conv.dilation, conv.groups))
-
-
 class _Local(NamedTuple):
-    """The local branch of one call: centred z rows (N, C), the norm's
+    """The local branch of one call: the depthwise conv's output centred by
+    the norm's mean (B, C, P), the pooled input (B, C), the norm's
     statistics, scale and bias (C,; None without affine), and local_proj's
     weight W1 (M, C)."""
-    z: Tensor
+    centred: Tensor
+    pooled: Tensor
     stats: _Stats
     scale: Tensor
     bias: Optional[Tensor]
     weight: Tensor
 
     def output(self) -> Tensor:
-        """local = local_proj(local_norm(z)), (N, M)."""
-        folded = (self.weight * self.scale).t()
+        """local = local_proj(local_norm(z)), (B, M, P)."""
+        folded = (self.weight * self.scale).expand(self.centred.shape[0], -1,
+                                                   -1)
         if self.bias is None:
-            return self.z @ folded
-        return torch.addmm(self.weight @ self.bias, self.z, folded)
+            return torch.bmm(folded, self.centred)
+        return torch.baddbmm((self.weight @ self.bias)[:, None], folded,
+                             self.centred)
 
 
 def _local(gen: nn.Module, x: Tensor,
            stats: Optional[_Stats] = None) -> _Local:
     """The local branch on x (B, C, H, W); the norm's statistics are
     computed (and its running ones updated) unless given."""
-    norm = gen.local_norm
-    if stats is not None:
-        z = _depthwise(gen, x, stats.mean)
-    elif uses_batch_statistics(norm):
-        z = _depthwise(gen, x)
-        stats = _statistics(norm, z)
-        z.sub_(stats.mean)
-    else:
+    norm, conv = gen.local_norm, gen.local_conv
+    batch_stats = stats is None and uses_batch_statistics(norm)
+    if stats is None and not batch_stats:
         stats = _statistics(norm, None)
-        z = _depthwise(gen, x, stats.mean)
-    return _Local(z, stats, _scale(norm, stats), norm.bias,
-                  gen.local_proj.weight.flatten(1))
+    context = depthwise_context(x, conv.weight, conv.stride, conv.padding,
+                                conv.dilation,
+                                None if batch_stats else stats.mean)
+    centred = context.centred.flatten(2)
+    if batch_stats:
+        stats = _batch_statistics(norm, context.mean, context.var,
+                                  centred.shape[0] * centred.shape[2])
+    return _Local(centred, context.pooled, stats, _scale(norm, stats),
+                  norm.bias, gen.local_proj.weight.flatten(1))
 
 
 def _global(gen: nn.Module, pooled: Optional[Tensor]) -> Optional[Tensor]:
@@ -274,59 +245,56 @@ def _global(gen: nn.Module, pooled: Optional[Tensor]) -> Optional[Tensor]:
 
 def _combine(gen: nn.Module, local: Tensor,
              glob: Optional[Tensor]) -> Tensor:
-    """The fusion: local (N, M) and glob (B, M) -> (N, M or 2M)."""
+    """The fusion: local (B, M, P) and glob (B, M) -> (B, M or 2M, P)."""
     if glob is None:
         return local
-    per_sample = _per_sample(local, glob.shape[0])
-    glob = glob.unsqueeze(1)
+    glob = glob[:, :, None]
     if gen.fusion == 'add':
-        fused = per_sample + glob
-    elif gen.fusion == 'mul':
-        fused = per_sample * torch.sigmoid(glob)
-    else:
-        fused = torch.cat([per_sample, glob.expand_as(per_sample)], dim=2)
-    return fused.view(local.shape[0], -1)
+        return local + glob
+    if gen.fusion == 'mul':
+        return local * torch.sigmoid(glob)
+    return torch.cat([local, glob.expand_as(local)], dim=1)
 
 
 class _Tail(NamedTuple):
-    """The maps after the local branch, as rows."""
-    local: Tensor  # (N, M)
+    """The maps after the local branch, (B, channels, P)."""
+    local: Tensor  # (B, M, P)
     glob: Optional[Tensor]  # (B, M)
-    centred: Tensor  # the fusion minus the fusion norm's mean, (N, M')
+    centred: Tensor  # the fusion minus the fusion norm's mean, (B, M', P)
     stats: _Stats  # the fusion norm's, (M',)
     scale: Tensor  # the fusion norm's, (M',)
-    hidden: Tensor  # relu(fuse_norm(fusion)), (N, M')
+    hidden: Tensor  # relu(fuse_norm(fusion)), (B, M', P)
 
 
 def _tail(gen: nn.Module, local: Tensor, pooled: Optional[Tensor],
           stats: Optional[_Stats] = None) -> _Tail:
-    """Fusion, fusion norm and ReLU on local rows (N, M); the fusion norm's
-    statistics are computed (and its running ones updated) unless given."""
+    """Fusion, fusion norm and ReLU on the local maps (B, M, P); the fusion
+    norm's statistics are computed (and its running ones updated) unless
+    given."""
     norm = gen.fuse_norm
     glob = _global(gen, pooled)
     fused = _combine(gen, local, glob)
     if stats is None:
         stats = _statistics(norm, fused)
-    centred = fused - stats.mean
+    centred = fused - stats.mean[:, None]
     scale = _scale(norm, stats)
     hidden = _normalise(norm, centred, scale).relu_()
     return _Tail(local, glob, centred, stats, scale, hidden)
 
 
-def _logits(gen: nn.Module, hidden: Tensor, batch: int) -> Tensor:
-    """The head on hidden rows (N, M') -> logits (B, G*K, h*w)."""
-    per_sample = _per_sample(hidden, batch).transpose(1, 2)
-    logits = torch.matmul(gen.head.weight.flatten(1), per_sample)
-    return logits.add_(gen.head.bias[:, None])
+def _logits(gen: nn.Module, hidden: Tensor) -> Tensor:
+    """The head on hidden maps (B, M', P) -> logits (B, G*K, P)."""
+    weight = gen.head.weight.flatten(1).expand(hidden.shape[0], -1, -1)
+    return torch.baddbmm(gen.head.bias[:, None], weight, hidden)
 
 
 def _by_group(t: Tensor, gen: nn.Module) -> Tensor:
-    """(B, G*K, h*w) -> (B, G, K, h*w) view."""
+    """(B, G*K, P) -> (B, G, K, P) view."""
     return t.view(t.shape[0], gen.attn_groups, -1, t.shape[2])
 
 
 def _activate(gen: nn.Module, logits: Tensor) -> Tensor:
-    """Head logits -> A, both (B, G*K, h*w)."""
+    """Head logits -> A, both (B, G*K, P)."""
     if gen.act == 'softmax':
         per_group = _by_group(logits, gen)
         taps = per_group.shape[2]
@@ -340,9 +308,9 @@ def _forward(gen: nn.Module, x: Tensor):
     pooled input (B, C; None without a global branch) and the two norms'
     statistics."""
     local = _local(gen, x)
-    pooled = None if gen.global_proj is None else x.mean((2, 3))
+    pooled = None if gen.global_proj is None else local.pooled
     tail = _tail(gen, local.output(), pooled)
-    attn = _activate(gen, _logits(gen, tail.hidden, x.shape[0]))
+    attn = _activate(gen, _logits(gen, tail.hidden))
     attn = attn.view(x.shape[0], gen.attn_groups, -1,
                      *_local_out_size(gen, x))
     return attn, pooled, local.stats, tail.stats
@@ -358,7 +326,7 @@ def fused_attention(gen: nn.Module, x: Tensor) -> Tensor:
 
 def _activation_backward(gen: nn.Module, attn: Tensor,
                          grad: Tensor) -> Tensor:
-    """Gradient at the head logits from A and dA, all (B, G*K, h*w)."""
+    """Gradient at the head logits from A and dA, all (B, G*K, P)."""
     if gen.act == 'softmax':
         per_group = _by_group(attn, gen)
         weighted = grad.view_as(per_group) * per_group
@@ -370,93 +338,72 @@ def _activation_backward(gen: nn.Module, attn: Tensor,
 
 
 def _combine_backward(gen: nn.Module, tail: _Tail, grad_fused: Tensor):
-    """Gradients of local (N, M) and glob (B, M; None without) from that of
-    the fusion (N, M')."""
+    """Gradients of local (B, M, P) and glob (B, M; None without) from that
+    of the fusion (B, M', P)."""
     if tail.glob is None:
         return grad_fused, None
-    batch, hidden = tail.glob.shape
-    per_sample = _per_sample(grad_fused, batch)
     if gen.fusion == 'add':
-        return grad_fused, per_sample.sum(1)
+        return grad_fused, grad_fused.sum(2)
     if gen.fusion == 'mul':
         gate = torch.sigmoid(tail.glob)
-        grad_local = (per_sample * gate.unsqueeze(1)).view_as(grad_fused)
-        grad_gate = (per_sample * _per_sample(tail.local, batch)).sum(1)
+        grad_local = grad_fused * gate[:, :, None]
+        grad_gate = (grad_fused * tail.local).sum(2)
         return grad_local, grad_gate.mul_(gate - gate * gate)
-    return grad_fused[:, :hidden], per_sample[:, :, hidden:].sum(1)
+    hidden = tail.glob.shape[1]
+    return grad_fused[:, :hidden], grad_fused[:, hidden:].sum(2)
 
 
 def _tail_backward(gen: nn.Module, tail: _Tail, grad_logits: Tensor):
     """Backward of head(relu(fuse_norm(fusion))) from the gradient of the
-    logits (B, G*K, h*w).
+    logits (B, G*K, P).
 
     Returns:
-        Gradients of the local rows (N, M), of glob (B, M; None without)
+        Gradients of the local maps (B, M, P), of glob (B, M; None without)
         and of the fusion norm's weight and bias and the head's weight and
         bias.
     """
-    hidden = _per_sample(tail.hidden, grad_logits.shape[0])  # (B, h*w, M')
-    grad_head = (grad_logits @ hidden).sum(0).view_as(gen.head.weight)
-    grad_hidden = torch.matmul(grad_logits.transpose(1, 2),
-                               gen.head.weight.flatten(1)).view_as(
-                                   tail.hidden)
+    head_weight = gen.head.weight.flatten(1)
+    grad_head = torch.bmm(grad_logits, tail.hidden.transpose(1, 2)).sum(0)
+    grad_hidden = torch.bmm(
+        head_weight.t().expand(grad_logits.shape[0], -1, -1), grad_logits)
     # the ReLU's backward, from its output
     grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, tail.hidden,
                                                     0)
     grad_gamma, grad_beta, e, f = _norm_backward(
-        gen.fuse_norm, tail.stats, tail.scale, tail.centred.shape[0],
-        grad_hidden.sum(0), (grad_hidden * tail.centred).sum(0))
-    grad_fused = grad_hidden.mul_(tail.scale)
+        gen.fuse_norm, tail.stats, tail.scale,
+        grad_hidden.numel() // grad_hidden.shape[1], grad_hidden.sum((0, 2)),
+        (grad_hidden * tail.centred).sum((0, 2)))
+    grad_fused = grad_hidden.mul_(tail.scale[:, None])
     if e is not None:
-        grad_fused += torch.addcmul(f, tail.centred, e)
+        grad_fused += torch.addcmul(f[:, None], tail.centred, e[:, None])
     grad_local, grad_glob = _combine_backward(gen, tail, grad_fused)
-    return (grad_local, grad_glob, grad_gamma, grad_beta, grad_head,
-            grad_logits.sum((0, 2)))
+    return (grad_local, grad_glob, grad_gamma, grad_beta,
+            grad_head.view_as(gen.head.weight), grad_logits.sum((0, 2)))
 
 
 def _local_backward(gen: nn.Module, local: _Local, grad_out: Tensor):
-    """Backward of local = local_proj(local_norm(z)) from its gradient,
-    rows (N, M); overwrites local.z.
+    """Backward of local = local_proj(local_norm(z)) from its gradient
+    (B, M, P).
 
     Returns:
-        grad_z rows (N, C) and the gradients of the norm's weight and bias
+        The gradient at z up to the norm's per-channel terms, (B, C, P);
+        those terms (e, f) (C,; None with running statistics, see
+        :func:`_norm_backward`); the gradients of the norm's weight and bias
         (C,; None without affine) and of local_proj's weight.
     """
-    cross = grad_out.t() @ local.z  # (M, C)
-    grad_sum = grad_out.sum(0)  # (M,)
+    cross = torch.bmm(grad_out, local.centred.transpose(1, 2)).sum(0)
+    grad_sum = grad_out.sum((0, 2))  # (M,)
     grad_proj = cross * local.scale
     if local.bias is not None:
         grad_proj += torch.outer(grad_sum, local.bias)
     grad_gamma, grad_beta, e, f = _norm_backward(
-        gen.local_norm, local.stats, local.scale, local.z.shape[0],
+        gen.local_norm, local.stats, local.scale,
+        local.centred.numel() // local.centred.shape[1],
         grad_sum @ local.weight, (cross * local.weight).sum(0))
-    folded = local.weight * local.scale
-    if e is None:
-        grad_z = grad_out @ folded
-    else:
-        # in z's place: z is not needed any more
-        grad_z = torch.addcmul(f, local.z, e, out=local.z)
-        grad_z.addmm_(grad_out, folded)
-    return (grad_z, grad_gamma, grad_beta,
+    folded = (local.weight * local.scale).t()
+    grad_z = torch.bmm(folded.expand(grad_out.shape[0], -1, -1), grad_out)
+    return (grad_z, e, f, grad_gamma, grad_beta,
             grad_proj.view_as(gen.local_proj.weight))
-
-
-def _depthwise_backward(gen: nn.Module, x: Tensor, grad_z: Tensor,
-                        grad_pooled: Optional[Tensor], needs: List[bool]):
-    """Gradients of x (in x's layout; with the pooled input's share
-    grad_pooled (B, C) added) and of the depthwise weight, from grad_z rows
-    (N, C)."""
-    conv = gen.local_conv
-    batch, channels = x.shape[:2]
-    grad_z = grad_z.view(batch, *_local_out_size(gen, x),
-                         channels).permute(0, 3, 1, 2)
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_z, x.contiguous(memory_format=CHANNELS_LAST), conv.weight, None,
-        conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
-        [needs[0], needs[1], False])
-    if needs[0]:
-        grad_x = _input_gradient(grad_x, grad_pooled, x)
-    return grad_x, grad_weight
 
 
 def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
@@ -472,12 +419,21 @@ def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
     if grad_glob is not None:
         grad_global = (grad_glob.t() @ pooled).view_as(gen.global_proj.weight)
         grad_pooled = grad_glob @ gen.global_proj.weight.flatten(1)
-    grad_z, grad_local_w, grad_local_b, grad_proj = _local_backward(
-        gen, local, grad_local.contiguous())
-    grad_x, grad_dw = _depthwise_backward(gen, x, grad_z, grad_pooled,
-                                          needs[:2])
+    grad_z, e, f, grad_local_w, grad_local_b, grad_proj = _local_backward(
+        gen, local, grad_local)
+    conv = gen.local_conv
+    maps = (*x.shape[:2], *_local_out_size(gen, x))
+    grad_x, grad_dw = depthwise_context_backward(
+        grad_z.view(maps), x, conv.weight, conv.stride, conv.padding,
+        conv.dilation, grad_pooled,
+        None if e is None else (local.centred.view(maps), e, f), needs[:2])
     return (grad_x, grad_dw, grad_local_w, grad_local_b, grad_proj,
             grad_global, grad_fuse_w, grad_fuse_b, grad_head, grad_head_b)
+
+
+def _flat(attn: Tensor) -> Tensor:
+    """(B, G, K, h, w) -> (B, G*K, h*w); a view for contiguous attn."""
+    return attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2], -1)
 
 
 class FusedAttention(torch.autograd.Function):

@@ -1,0 +1,335 @@
+// The full-resolution part of the AIK attention generator on CPU, on
+// contiguous NCHW tensors (see depthwise_context.py for the Python side):
+//
+//   forward:  z = depthwise_conv(x) centred per channel (by its batch mean,
+//             or by a given mean), the batch mean and biased variance of z
+//             per channel, and the spatial mean of x per (sample, channel);
+//   backward: with g = grad_z + e[c] * z + f[c] (e, f: a batch norm's
+//             backward terms; optional), the gradients of x (plus the share
+//             of the pooled mean's gradient) and of the depthwise weight.
+//
+// Each channel's planes are independent, so threads take channels; within a
+// channel the B planes of z stay in cache from the conv to its statistics.
+//
+// Per plane, the zero-padded input is split into its stride phases (see
+// Geometry), so that every tap is one flat, unit-stride run over all output
+// rows at once: long vectorised loops even for 7x7 maps. Sums are vectorised
+// too (omp simd reductions: lanes summed in any order).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace {
+
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Phase plane (a, b) of one input plane holds the zero-padded input at
+// padded rows h*sh + a and columns w*sw + b, over phase_h x phase_w pixels.
+// Tap (ki, kj) reads, for output pixel (i, j), phase plane
+// ((ki*dh) % sh, (kj*dw) % sw) at (i + ki*dh / sh, j + kj*dw / sw). With the
+// output laid out in rows of phase_w pixels (the last phase_w - out_w
+// columns are scratch), the tap is one flat run of out_h * phase_w pixels
+// from tap_offset. phase_h has one spare row so that the scratch columns of
+// the last output row stay inside the plane.
+struct Geometry {
+  int64_t batch, channels, height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w;
+  int64_t phase_h, phase_w;
+
+  int64_t taps() const { return kh * kw; }
+  int64_t plane() const { return height * width; }
+  int64_t out_plane() const { return out_h * out_w; }
+  int64_t phase_size() const { return phase_h * phase_w; }
+  int64_t phases_size() const { return sh * sw * phase_size(); }
+  int64_t run() const { return out_h * phase_w; }
+  int64_t tap_offset(int64_t ki, int64_t kj) const {
+    const int64_t phase = ((ki * dh) % sh) * sw + (kj * dw) % sw;
+    return phase * phase_size() + (ki * dh / sh) * phase_w + kj * dw / sw;
+  }
+  // Input rows (or columns) [first, last) of phase rows (columns) 0.. count
+  // for phase a: input index h*s + a - p.
+  static std::pair<int64_t, int64_t> inside(int64_t count, int64_t s, int64_t a, int64_t p, int64_t size) {
+    const int64_t off = a - p;
+    const int64_t first = off >= 0 ? 0 : (-off + s - 1) / s;
+    const int64_t last = std::min(count, floor_div(size - 1 - off, s) + 1);
+    return {first, std::max(first, last)};
+  }
+};
+
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "x must be a contiguous (B, C, H, W) tensor");
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() && weight.size(0) == x.size(1) &&
+                  weight.size(1) == 1,
+              "weight must be a contiguous (C, 1, kh, kw) tensor, got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight must have one dtype");
+  Geometry g{x.size(0),   x.size(1),   x.size(2),   x.size(3),   weight.size(2), weight.size(3),
+             stride[0],   stride[1],   padding[0],  padding[1],  dilation[0],    dilation[1],
+             0,           0,           0,           0};
+  g.out_h = (g.height + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.out_w = (g.width + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.out_h > 0 && g.out_w > 0, "the depthwise conv's output would be empty");
+  g.phase_h = g.out_h + (g.kh - 1) * g.dh / g.sh + 1;
+  g.phase_w = g.out_w + (g.kw - 1) * g.dw / g.sw;
+  return g;
+}
+
+// Channels per task, so that one task does at least ~32k multiply-adds.
+int64_t channel_grain(const Geometry& g) {
+  const int64_t work = std::max<int64_t>(1, g.batch * g.out_plane() * g.taps());
+  return std::max<int64_t>(1, (int64_t{1} << 15) / work);
+}
+
+template <typename T>
+void check_vector(const at::Tensor& t, const Geometry& g, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == g.channels && t.is_contiguous() &&
+                  t.scalar_type() == c10::CppTypeToScalarType<T>::value,
+              name, " must be a contiguous (C,) tensor of x's dtype");
+}
+
+template <typename T>
+inline void axpy(T* __restrict y, const T* __restrict x, T w, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += w * x[j];
+}
+
+template <typename T>
+inline double dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+template <typename T>
+double plane_sum(const T* p, int64_t n) {
+  double acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += p[j];
+  return acc;
+}
+
+// p -= mean; returns the sum of the centred squares.
+template <typename T>
+double centre_plane(T* p, int64_t n, T mean) {
+  double acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] -= mean;
+    acc += double(p[j]) * p[j];
+  }
+  return acc;
+}
+
+// Calls fn(phase_row, input_row, first, last) for every phase row that lies
+// on an input row, with the phase columns [first, last) that lie inside it;
+// phase column w reads input column w*sw + b - pw.
+template <typename Fn>
+void for_each_phase_row(const Geometry& g, const Fn& fn) {
+  for (int64_t a = 0; a < g.sh; ++a) {
+    const auto [h0, h1] = Geometry::inside(g.phase_h, g.sh, a, g.ph, g.height);
+    for (int64_t b = 0; b < g.sw; ++b) {
+      const auto [w0, w1] = Geometry::inside(g.phase_w, g.sw, b, g.pw, g.width);
+      const int64_t phase = (a * g.sw + b) * g.phase_size();
+      for (int64_t h = h0; h < h1; ++h) {
+        fn(phase + h * g.phase_w, (h * g.sh + a - g.ph) * g.width + w0 * g.sw + b - g.pw, w0, w1);
+      }
+    }
+  }
+}
+
+// The phase planes of input plane x (zero outside it) into q.
+template <typename T>
+void build_phases(const Geometry& g, const T* x, T* q) {
+  std::fill(q, q + g.phases_size(), T(0));
+  for_each_phase_row(g, [&](int64_t at, int64_t from, int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) q[at + w] = x[from + (w - first) * g.sw];
+  });
+}
+
+// dx += the phase planes' gradient dq, at the input pixels they hold.
+template <typename T>
+void add_phases(const Geometry& g, const T* dq, T* dx) {
+  for_each_phase_row(g, [&](int64_t at, int64_t from, int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) dx[from + (w - first) * g.sw] += dq[at + w];
+  });
+}
+
+// Per-thread scratch: phase planes, their gradient, one output plane in
+// rows of phase_w.
+template <typename T>
+struct Scratch {
+  std::vector<T> phases, grad_phases, rows;
+  explicit Scratch(const Geometry& g, bool grad)
+      : phases(g.phases_size()), grad_phases(grad ? g.phases_size() : 0), rows(g.run()) {}
+};
+
+// One output plane z = conv(x plane) + init.
+template <typename T>
+void conv_plane(const Geometry& g, const T* x, const T* w, T init, Scratch<T>& s, T* z) {
+  build_phases(g, x, s.phases.data());
+  std::fill(s.rows.begin(), s.rows.end(), init);
+  for (int64_t ki = 0; ki < g.kh; ++ki) {
+    for (int64_t kj = 0; kj < g.kw; ++kj) {
+      axpy(s.rows.data(), s.phases.data() + g.tap_offset(ki, kj), w[ki * g.kw + kj], g.run());
+    }
+  }
+  for (int64_t i = 0; i < g.out_h; ++i) {
+    std::copy_n(s.rows.data() + i * g.phase_w, g.out_w, z + i * g.out_w);
+  }
+}
+
+// One input plane's gradient added to dx (may be null) and the weight
+// gradient's sums (grad_w, may be null) from the output gradient, given in
+// s.rows (rows of phase_w, zero in the scratch columns).
+template <typename T>
+void conv_plane_backward(const Geometry& g, const T* x, const T* w, Scratch<T>& s, T* dx, double* grad_w) {
+  if (grad_w) build_phases(g, x, s.phases.data());
+  if (dx) std::fill(s.grad_phases.begin(), s.grad_phases.end(), T(0));
+  for (int64_t ki = 0; ki < g.kh; ++ki) {
+    for (int64_t kj = 0; kj < g.kw; ++kj) {
+      const int64_t t = ki * g.kw + kj, at = g.tap_offset(ki, kj);
+      if (grad_w) grad_w[t] += dot(s.rows.data(), s.phases.data() + at, g.run());
+      if (dx) axpy(s.grad_phases.data() + at, s.rows.data(), w[t], g.run());
+    }
+  }
+  if (dx) add_phases(g, s.grad_phases.data(), dx);
+}
+
+}  // namespace
+
+// x (B, C, H, W), weight (C, 1, kh, kw), mean (C,) or None ->
+// [z (B, C, H_out, W_out) centred, mean (C,), biased var (C,; undefined when
+// mean was given), pooled (B, C) spatial mean of x]. All contiguous.
+std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation,
+                                                  const std::optional<at::Tensor>& given_mean) {
+  const at::Tensor mean = given_mean.value_or(at::Tensor());
+  const Geometry g = make_geometry(x, weight, stride, padding, dilation);
+  const bool batch_stats = !mean.defined();
+  at::Tensor z = at::empty({g.batch, g.channels, g.out_h, g.out_w}, x.options());
+  at::Tensor pooled = at::empty({g.batch, g.channels}, x.options());
+  at::Tensor out_mean = batch_stats ? at::empty({g.channels}, x.options()) : mean;
+  at::Tensor var = batch_stats ? at::empty({g.channels}, x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_context_forward", [&] {
+    using T = scalar_t;
+    if (!batch_stats) check_vector<T>(mean, g, "mean");
+    const T* xd = x.data_ptr<T>();
+    const T* wd = weight.data_ptr<T>();
+    T* zd = z.data_ptr<T>();
+    T* pd = pooled.data_ptr<T>();
+    T* md = out_mean.data_ptr<T>();
+    T* vd = batch_stats ? var.data_ptr<T>() : nullptr;
+    const int64_t count = g.batch * g.out_plane();
+    at::parallel_for(0, g.channels, channel_grain(g), [&](int64_t c0, int64_t c1) {
+      Scratch<T> scratch(g, false);
+      for (int64_t c = c0; c < c1; ++c) {
+        const T init = batch_stats ? T(0) : -md[c];
+        double sum = 0;
+        for (int64_t b = 0; b < g.batch; ++b) {
+          const T* xp = xd + (b * g.channels + c) * g.plane();
+          T* zp = zd + (b * g.channels + c) * g.out_plane();
+          pd[b * g.channels + c] = static_cast<T>(plane_sum(xp, g.plane()) / g.plane());
+          conv_plane(g, xp, wd + c * g.taps(), init, scratch, zp);
+          if (batch_stats) sum += plane_sum(zp, g.out_plane());
+        }
+        if (!batch_stats) continue;
+        const T mu = static_cast<T>(sum / count);
+        double squares = 0;
+        for (int64_t b = 0; b < g.batch; ++b) {
+          squares += centre_plane(zd + (b * g.channels + c) * g.out_plane(), g.out_plane(), mu);
+        }
+        md[c] = mu;
+        vd[c] = static_cast<T>(squares / count);
+      }
+    });
+  });
+  return {z, out_mean, var, pooled};
+}
+
+// Gradients from grad_z (B, C, H_out, W_out): the gradient at z is
+// g = grad_z + e[c] * z + f[c] when z (the centred conv output) and e, f
+// (C,) are given, else grad_z; grad_pooled (B, C) or None is the pooled
+// mean's gradient. -> [grad_x (B, C, H, W), grad_weight (C, 1, kh, kw)],
+// undefined where not needed.
+std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, const at::Tensor& x,
+                                                   const at::Tensor& weight, at::IntArrayRef stride,
+                                                   at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                   const std::optional<at::Tensor>& pooled_grad,
+                                                   const std::optional<at::Tensor>& centred,
+                                                   const std::optional<at::Tensor>& e_terms,
+                                                   const std::optional<at::Tensor>& f_terms, bool need_input,
+                                                   bool need_weight) {
+  const at::Tensor grad_pooled = pooled_grad.value_or(at::Tensor()), z = centred.value_or(at::Tensor());
+  const at::Tensor e = e_terms.value_or(at::Tensor()), f = f_terms.value_or(at::Tensor());
+  const Geometry g = make_geometry(x, weight, stride, padding, dilation);
+  const std::vector<int64_t> out_sizes{g.batch, g.channels, g.out_h, g.out_w};
+  TORCH_CHECK(grad_z.is_contiguous() && grad_z.sizes() == at::IntArrayRef(out_sizes),
+              "grad_z must be a contiguous (B, C, H_out, W_out) tensor, got ", grad_z.sizes());
+  const bool affine_terms = e.defined();
+  TORCH_CHECK(affine_terms == f.defined() && affine_terms == z.defined(), "give z, e and f together");
+  TORCH_CHECK(!affine_terms || (z.is_contiguous() && z.sizes() == at::IntArrayRef(out_sizes)),
+              "z must be a contiguous (B, C, H_out, W_out) tensor");
+  TORCH_CHECK(!grad_pooled.defined() ||
+                  (grad_pooled.is_contiguous() && grad_pooled.sizes() == at::IntArrayRef({g.batch, g.channels})),
+              "grad_pooled must be a contiguous (B, C) tensor");
+  at::Tensor grad_x = need_input ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_weight = need_weight ? at::empty_like(weight) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_context_backward", [&] {
+    using T = scalar_t;
+    if (affine_terms) {
+      check_vector<T>(e, g, "e");
+      check_vector<T>(f, g, "f");
+    }
+    const T* xd = x.data_ptr<T>();
+    const T* wd = weight.data_ptr<T>();
+    const T* gd = grad_z.data_ptr<T>();
+    const T* zd = affine_terms ? z.data_ptr<T>() : nullptr;
+    const T* ed = affine_terms ? e.data_ptr<T>() : nullptr;
+    const T* fd = affine_terms ? f.data_ptr<T>() : nullptr;
+    const T* pgd = grad_pooled.defined() ? grad_pooled.data_ptr<T>() : nullptr;
+    T* dxd = need_input ? grad_x.data_ptr<T>() : nullptr;
+    T* dwd = need_weight ? grad_weight.data_ptr<T>() : nullptr;
+    at::parallel_for(0, g.channels, channel_grain(g), [&](int64_t c0, int64_t c1) {
+      Scratch<T> scratch(g, need_input);
+      std::vector<double> grad_w(g.taps());
+      for (int64_t c = c0; c < c1; ++c) {
+        std::fill(grad_w.begin(), grad_w.end(), 0.0);
+        const T ec = affine_terms ? ed[c] : T(0), fc = affine_terms ? fd[c] : T(0);
+        for (int64_t b = 0; b < g.batch; ++b) {
+          const int64_t out_at = (b * g.channels + c) * g.out_plane(), in_at = (b * g.channels + c) * g.plane();
+          for (int64_t i = 0; i < g.out_h; ++i) {
+            const T* gp = gd + out_at + i * g.out_w;
+            T* row = scratch.rows.data() + i * g.phase_w;
+            if (affine_terms) {
+              const T* zp = zd + out_at + i * g.out_w;
+              for (int64_t j = 0; j < g.out_w; ++j) row[j] = gp[j] + ec * zp[j] + fc;
+            } else {
+              std::copy_n(gp, g.out_w, row);
+            }
+            std::fill(row + g.out_w, row + g.phase_w, T(0));
+          }
+          T* dx = nullptr;
+          if (need_input) {
+            dx = dxd + in_at;
+            std::fill(dx, dx + g.plane(), pgd ? static_cast<T>(pgd[b * g.channels + c] / g.plane()) : T(0));
+          }
+          conv_plane_backward(g, xd + in_at, wd + c * g.taps(), scratch, dx,
+                              need_weight ? grad_w.data() : nullptr);
+        }
+        if (need_weight) {
+          for (int64_t t = 0; t < g.taps(); ++t) dwd[c * g.taps() + t] = static_cast<T>(grad_w[t]);
+        }
+      }
+    });
+  });
+  return {grad_x, grad_weight};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "The AIK attention generator's depthwise conv, batch statistics and pooled mean on CPU";
+  m.def("forward", &depthwise_context_forward, "depthwise conv, its batch statistics and the pooled mean");
+  m.def("backward", &depthwise_context_backward, "gradients of x and of the depthwise weight");
+}

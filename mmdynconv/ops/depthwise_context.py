@@ -1,0 +1,88 @@
+"""The full-resolution part of the AIK attention generator: a depthwise conv
+centred per channel, its batch statistics and the input's spatial mean, in
+one pass over x; and its backward.
+
+On CPU in float32/float64 the compiled extension ``_depthwise_cpu``
+(``csrc/depthwise_context_cpu.cpp``) does each direction in one pass over
+NCHW maps; elsewhere (or unbuilt) torch's ops compute the same. These are
+plain functions: :mod:`mmdynconv.cnn.fused_attention` differentiates by
+hand and calls :func:`depthwise_context_backward` itself.
+"""
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from . import _depthwise_cpu
+except ImportError:  # not built: running from a plain source tree
+    _depthwise_cpu = None
+
+AVAILABLE = _depthwise_cpu is not None
+Pair = Tuple[int, int]
+
+
+class DepthwiseContext(NamedTuple):
+    """What :func:`depthwise_context` returns."""
+    centred: Tensor  # (B, C, H_out, W_out): conv(x) - mean
+    mean: Tensor  # (C,): the batch mean of conv(x), or the mean given
+    var: Optional[Tensor]  # (C,): biased batch variance; None if mean given
+    pooled: Tensor  # (B, C): x's spatial mean
+
+
+def compiled(x: Tensor) -> bool:
+    """Whether the extension handles x."""
+    return (AVAILABLE and x.device.type == 'cpu'
+            and x.dtype in (torch.float32, torch.float64))
+
+
+def depthwise_context(x: Tensor,
+                      weight: Tensor,
+                      stride: Pair,
+                      padding: Pair,
+                      dilation: Pair,
+                      mean: Optional[Tensor] = None) -> DepthwiseContext:
+    """z = depthwise conv of x (B, C, H, W) by weight (C, 1, kh, kw), without
+    bias, centred by its own batch mean per channel (mean None) or by mean
+    (C,); and x's spatial mean (B, C)."""
+    if compiled(x):
+        z, mean, var, pooled = _depthwise_cpu.forward(
+            x.contiguous(), weight.contiguous(), stride, padding, dilation,
+            mean if mean is None else mean.contiguous())
+        return DepthwiseContext(z, mean, var, pooled)
+    pooled = x.mean((2, 3))
+    if mean is not None:
+        z = F.conv2d(x, weight, -mean, stride, padding, dilation, x.shape[1])
+        return DepthwiseContext(z, mean, None, pooled)
+    z = F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+    var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
+    return DepthwiseContext(z - mean[:, None, None], mean, var, pooled)
+
+
+def depthwise_context_backward(
+        grad_z: Tensor, x: Tensor, weight: Tensor, stride: Pair,
+        padding: Pair, dilation: Pair, grad_pooled: Optional[Tensor],
+        affine: Optional[Tuple[Tensor, Tensor, Tensor]],
+        needs: Tuple[bool, bool]) -> List[Optional[Tensor]]:
+    """Gradients of x (B, C, H, W) and weight from that of the conv's output,
+    g = grad_z + e * z + f per channel for affine = (z, e, f) (z: the centred
+    output (B, C, H_out, W_out), e and f (C,)) or grad_z alone (affine None);
+    grad_pooled (B, C) or None adds the spatial mean's gradient to x's.
+    needs: (x's, weight's); None where not needed."""
+    if compiled(x):
+        z, e, f = affine if affine is not None else (None, None, None)
+        return _depthwise_cpu.backward(
+            grad_z.contiguous(), x.contiguous(), weight.contiguous(), stride,
+            padding, dilation,
+            grad_pooled if grad_pooled is None else grad_pooled.contiguous(),
+            z, e, f, *needs)
+    if affine is not None:
+        z, e, f = affine
+        grad_z = torch.addcmul(grad_z + f[:, None, None], z, e[:, None, None])
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0],
+        x.shape[1], [needs[0], needs[1], False])
+    if needs[0] and grad_pooled is not None:
+        grad_x = grad_x + (grad_pooled / x[0, 0].numel())[:, :, None, None]
+    return [grad_x, grad_weight]

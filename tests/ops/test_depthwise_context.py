@@ -1,0 +1,134 @@
+"""The generator's depthwise pass, compiled and torch paths, against
+autograd through F.conv2d written out here."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdynconv.ops import depthwise_context as dc
+
+DTYPE = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+GEOMETRIES = [
+    # (H, W), (kh, kw), stride, padding, dilation
+    *itertools.product([(7, 9)], [(3, 3), (1, 1), (3, 1), (5, 5)], [1, 2],
+                       [0, 1, 2], [1, 2]),
+    ((1, 1), (3, 3), 1, 1, 1),
+    ((1, 1), (3, 3), 2, 1, 1),
+    ((12, 13), (3, 3), 3, 1, 2),
+    ((8, 8), (2, 4), (2, 1), (0, 2), (1, 3)),
+]
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def valid(size, kernel, stride, padding, dilation):
+    return all(s + 2 * p - d * (k - 1) - 1 >= 0 for s, k, p, d in zip(
+        size, kernel, pair(padding), pair(dilation)))
+
+
+CASES = [g for g in GEOMETRIES if valid(*g)]
+
+
+@pytest.fixture(params=['compiled', 'torch'])
+def path(request, monkeypatch):
+    if request.param == 'compiled':
+        assert dc.AVAILABLE, 'the CPU extension is not built'
+    else:
+        monkeypatch.setattr(dc, 'AVAILABLE', False)
+    return request.param
+
+
+def inputs(size, kernel, channels=5):
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, *size, dtype=DTYPE) + 0.3
+    weight = torch.randn(channels, 1, *kernel, dtype=DTYPE)
+    return x, weight
+
+
+@pytest.mark.parametrize('size,kernel,stride,padding,dilation', CASES)
+@pytest.mark.parametrize('given_mean', [False, True])
+def test_forward_and_backward_match_autograd(path, size, kernel, stride,
+                                             padding, dilation, given_mean):
+    geo = pair(stride), pair(padding), pair(dilation)
+    x, weight = inputs(size, kernel)
+    mean = torch.randn(5, dtype=DTYPE) if given_mean else None
+    out = dc.depthwise_context(x, weight, *geo, mean)
+
+    x_ref = x.clone().requires_grad_()
+    w_ref = weight.clone().requires_grad_()
+    z = F.conv2d(x_ref, w_ref, None, *geo, groups=5)
+    mean_ref = z.mean((0, 2, 3)) if mean is None else mean
+    centred = z - mean_ref[:, None, None]
+    pooled = x_ref.mean((2, 3))
+    torch.testing.assert_close(out.centred, centred, **TOL)
+    torch.testing.assert_close(out.mean, mean_ref, **TOL)
+    torch.testing.assert_close(out.pooled, pooled, **TOL)
+    if mean is None:
+        torch.testing.assert_close(out.var, (centred**2).mean((0, 2, 3)),
+                                   **TOL)
+    else:
+        assert out.var is None
+
+    # the backward treats z's centring as constant: e, f carry the norm's
+    # terms, so the reference differentiates the uncentred conv
+    grad_z = torch.randn_like(centred)
+    grad_pooled = torch.randn_like(pooled)
+    e, f = torch.randn(5, dtype=DTYPE), torch.randn(5, dtype=DTYPE)
+    fixed = centred.detach()
+    g = grad_z + e[:, None, None] * fixed + f[:, None, None]
+    torch.autograd.backward([z, pooled], [g, grad_pooled])
+    grad_x, grad_w = dc.depthwise_context_backward(grad_z, x, weight, *geo,
+                                                   grad_pooled,
+                                                   (fixed, e, f),
+                                                   (True, True))
+    torch.testing.assert_close(grad_x, x_ref.grad, **TOL)
+    torch.testing.assert_close(grad_w, w_ref.grad, **TOL)
+
+
+@pytest.mark.parametrize('needs', [(True, False), (False, True)])
+def test_backward_without_affine_terms_or_pooled_gradient(path, needs):
+    geo = (2, 2), (1, 1), (1, 1)
+    x, weight = inputs((9, 8), (3, 3))
+    x_ref = x.clone().requires_grad_()
+    w_ref = weight.clone().requires_grad_()
+    z = F.conv2d(x_ref, w_ref, None, *geo, groups=5)
+    grad_z = torch.randn_like(z)
+    z.backward(grad_z)
+    grads = dc.depthwise_context_backward(grad_z, x, weight, *geo, None,
+                                          None, needs)
+    for grad, need, expected in zip(grads, needs, (x_ref.grad, w_ref.grad)):
+        if need:
+            torch.testing.assert_close(grad, expected, **TOL)
+        else:
+            assert grad is None
+
+
+def test_float32_and_non_contiguous_input(path):
+    geo = (1, 1), (1, 1), (1, 1)
+    x, weight = inputs((10, 11), (3, 3), channels=6)
+    x32 = x.float().transpose(2, 3)  # (3, 6, 11, 10), not contiguous
+    out = dc.depthwise_context(x32, weight.float(), *geo)
+    z = F.conv2d(x.transpose(2, 3), weight, None, *geo, groups=6)
+    torch.testing.assert_close(out.centred.double(),
+                               z - z.mean((0, 2, 3))[:, None, None],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_path_rejects_mismatched_shapes():
+    if not dc.AVAILABLE:
+        pytest.fail('the CPU extension is not built')
+    geo = (1, 1), (1, 1), (1, 1)
+    x, weight = inputs((6, 6), (3, 3))
+    with pytest.raises(RuntimeError, match='weight must be'):
+        dc.depthwise_context(x, weight[:4], *geo)
+    with pytest.raises(RuntimeError, match='grad_z must be'):
+        dc.depthwise_context_backward(torch.zeros(3, 5, 5, 6,
+                                                  dtype=DTYPE), x, weight,
+                                      *geo, None, None, (True, True))
+    with pytest.raises(RuntimeError, match='mean must be'):
+        dc.depthwise_context(x, weight, *geo, torch.zeros(4, dtype=DTYPE))
