@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -74,6 +75,79 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArr
   g.phase_h = g.out_h + (g.kh - 1) * g.dh / g.sh + 1;
   g.phase_w = g.out_w + (g.kw - 1) * g.dw / g.sw;
   return g;
+}
+
+// Where each tap reads in the phase planes, and the same grouped by phase
+// plane for the transposed (input-gradient) sum.
+struct Taps {
+  std::vector<int64_t> offsets;                 // tap t reads from phases + offsets[t]
+  std::vector<std::vector<int64_t>> by_phase;   // per phase plane: minus the taps' offsets in it
+  std::vector<std::vector<int64_t>> tap_index;  // per phase plane: its taps
+  int64_t lead = 0;                             // the largest offset within a phase plane
+
+  explicit Taps(const Geometry& g) : by_phase(g.sh * g.sw), tap_index(g.sh * g.sw) {
+    for (int64_t ki = 0; ki < g.kh; ++ki) {
+      for (int64_t kj = 0; kj < g.kw; ++kj) {
+        const int64_t phase = ((ki * g.dh) % g.sh) * g.sw + (kj * g.dw) % g.sw;
+        const int64_t inner = (ki * g.dh / g.sh) * g.phase_w + kj * g.dw / g.sw;
+        offsets.push_back(phase * g.phase_size() + inner);
+        by_phase[phase].push_back(-inner);
+        tap_index[phase].push_back(ki * g.kw + kj);
+        lead = std::max(lead, inner);
+      }
+    }
+  }
+};
+
+// A GCC vector of 64 bytes (one AVX-512 register, two AVX2 ones); loads and
+// stores through memcpy, so unaligned.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t size = 64 / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(type));
+    return v;
+  }
+  static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
+};
+
+// out[j] = init + sum_t w[t] * src[offsets[t] + j] for j < n. Blocks of four
+// vectors of outputs are summed over all taps in registers: one store per
+// output instead of one read-modify-write per tap.
+template <typename T>
+void weighted_sum(const T* src, const std::vector<int64_t>& offsets, const T* w, T init, T* out, int64_t n) {
+  using V = Vec<T>;
+  using VT = typename V::type;
+  constexpr int64_t L = V::size;
+  const int64_t taps = static_cast<int64_t>(offsets.size());
+  int64_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L) {
+    VT a0 = VT{} + init, a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t t = 0; t < taps; ++t) {
+      const T* s = src + offsets[t] + j;
+      const T wt = w[t];
+      a0 += wt * V::load(s);
+      a1 += wt * V::load(s + L);
+      a2 += wt * V::load(s + 2 * L);
+      a3 += wt * V::load(s + 3 * L);
+    }
+    V::store(out + j, a0);
+    V::store(out + j + L, a1);
+    V::store(out + j + 2 * L, a2);
+    V::store(out + j + 3 * L, a3);
+  }
+  for (; j + L <= n; j += L) {
+    VT a = VT{} + init;
+    for (int64_t t = 0; t < taps; ++t) a += w[t] * V::load(src + offsets[t] + j);
+    V::store(out + j, a);
+  }
+  for (; j < n; ++j) {
+    T acc = init;
+    for (int64_t t = 0; t < taps; ++t) acc += w[t] * src[offsets[t] + j];
+    out[j] = acc;
+  }
 }
 
 // Channels per task, so that one task does at least ~32k multiply-adds.
@@ -144,7 +218,11 @@ template <typename T>
 void build_phases(const Geometry& g, const T* x, T* q) {
   std::fill(q, q + g.phases_size(), T(0));
   for_each_phase_row(g, [&](int64_t at, int64_t from, int64_t first, int64_t last) {
-    for (int64_t w = first; w < last; ++w) q[at + w] = x[from + (w - first) * g.sw];
+    if (g.sw == 1) {
+      std::copy_n(x + from, last - first, q + at + first);
+    } else {
+      for (int64_t w = first; w < last; ++w) q[at + w] = x[from + (w - first) * g.sw];
+    }
   });
 }
 
@@ -156,45 +234,54 @@ void add_phases(const Geometry& g, const T* dq, T* dx) {
   });
 }
 
-// Per-thread scratch: phase planes, their gradient, one output plane in
-// rows of phase_w.
+// Per-thread scratch: phase planes, their gradient, and one output plane
+// in rows of phase_w, led by `lead` zeros (and zero past the run) so that
+// the input-gradient sum reads it at negative offsets.
 template <typename T>
 struct Scratch {
-  std::vector<T> phases, grad_phases, rows;
-  explicit Scratch(const Geometry& g, bool grad)
-      : phases(g.phases_size()), grad_phases(grad ? g.phases_size() : 0), rows(g.run()) {}
+  std::vector<T> phases, grad_phases, padded_rows;
+  T* rows;
+  std::vector<std::vector<T>> phase_weights;  // per phase plane: its taps' weights
+
+  Scratch(const Geometry& g, const Taps& taps, bool grad)
+      : phases(g.phases_size()),
+        grad_phases(grad ? g.phases_size() : 0),
+        padded_rows(taps.lead + g.phase_size(), T(0)),
+        rows(padded_rows.data() + taps.lead),
+        phase_weights(taps.tap_index.size()) {}
+
+  void set_weights(const Taps& taps, const T* w) {
+    for (size_t p = 0; p < taps.tap_index.size(); ++p) {
+      phase_weights[p].clear();
+      for (int64_t t : taps.tap_index[p]) phase_weights[p].push_back(w[t]);
+    }
+  }
 };
 
 // One output plane z = conv(x plane) + init.
 template <typename T>
-void conv_plane(const Geometry& g, const T* x, const T* w, T init, Scratch<T>& s, T* z) {
+void conv_plane(const Geometry& g, const Taps& taps, const T* x, const T* w, T init, Scratch<T>& s, T* z) {
   build_phases(g, x, s.phases.data());
-  std::fill(s.rows.begin(), s.rows.end(), init);
-  for (int64_t ki = 0; ki < g.kh; ++ki) {
-    for (int64_t kj = 0; kj < g.kw; ++kj) {
-      axpy(s.rows.data(), s.phases.data() + g.tap_offset(ki, kj), w[ki * g.kw + kj], g.run());
-    }
-  }
-  for (int64_t i = 0; i < g.out_h; ++i) {
-    std::copy_n(s.rows.data() + i * g.phase_w, g.out_w, z + i * g.out_w);
-  }
+  weighted_sum(s.phases.data(), taps.offsets, w, init, s.rows, g.run());
+  for (int64_t i = 0; i < g.out_h; ++i) std::copy_n(s.rows + i * g.phase_w, g.out_w, z + i * g.out_w);
 }
 
 // One input plane's gradient added to dx (may be null) and the weight
 // gradient's sums (grad_w, may be null) from the output gradient, given in
-// s.rows (rows of phase_w, zero in the scratch columns).
+// s.rows (rows of phase_w, zero in the scratch columns), with the channel's
+// weights in s.phase_weights.
 template <typename T>
-void conv_plane_backward(const Geometry& g, const T* x, const T* w, Scratch<T>& s, T* dx, double* grad_w) {
-  if (grad_w) build_phases(g, x, s.phases.data());
-  if (dx) std::fill(s.grad_phases.begin(), s.grad_phases.end(), T(0));
-  for (int64_t ki = 0; ki < g.kh; ++ki) {
-    for (int64_t kj = 0; kj < g.kw; ++kj) {
-      const int64_t t = ki * g.kw + kj, at = g.tap_offset(ki, kj);
-      if (grad_w) grad_w[t] += dot(s.rows.data(), s.phases.data() + at, g.run());
-      if (dx) axpy(s.grad_phases.data() + at, s.rows.data(), w[t], g.run());
-    }
+void conv_plane_backward(const Geometry& g, const Taps& taps, const T* x, Scratch<T>& s, T* dx, double* grad_w) {
+  if (grad_w) {
+    build_phases(g, x, s.phases.data());
+    for (int64_t t = 0; t < g.taps(); ++t) grad_w[t] += dot(s.rows, s.phases.data() + taps.offsets[t], g.run());
   }
-  if (dx) add_phases(g, s.grad_phases.data(), dx);
+  if (!dx) return;
+  for (size_t p = 0; p < taps.by_phase.size(); ++p) {
+    weighted_sum(s.rows, taps.by_phase[p], s.phase_weights[p].data(), T(0),
+                 s.grad_phases.data() + p * g.phase_size(), g.phase_size());
+  }
+  add_phases(g, s.grad_phases.data(), dx);
 }
 
 }  // namespace
@@ -208,6 +295,7 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
                                                   const std::optional<at::Tensor>& given_mean) {
   const at::Tensor mean = given_mean.value_or(at::Tensor());
   const Geometry g = make_geometry(x, weight, stride, padding, dilation);
+  const Taps taps(g);
   const bool batch_stats = !mean.defined();
   at::Tensor z = at::empty({g.batch, g.channels, g.out_h, g.out_w}, x.options());
   at::Tensor pooled = at::empty({g.batch, g.channels}, x.options());
@@ -224,7 +312,7 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
     T* vd = batch_stats ? var.data_ptr<T>() : nullptr;
     const int64_t count = g.batch * g.out_plane();
     at::parallel_for(0, g.channels, channel_grain(g), [&](int64_t c0, int64_t c1) {
-      Scratch<T> scratch(g, false);
+      Scratch<T> scratch(g, taps, false);
       for (int64_t c = c0; c < c1; ++c) {
         const T init = batch_stats ? T(0) : -md[c];
         double sum = 0;
@@ -232,7 +320,7 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
           const T* xp = xd + (b * g.channels + c) * g.plane();
           T* zp = zd + (b * g.channels + c) * g.out_plane();
           pd[b * g.channels + c] = static_cast<T>(plane_sum(xp, g.plane()) / g.plane());
-          conv_plane(g, xp, wd + c * g.taps(), init, scratch, zp);
+          conv_plane(g, taps, xp, wd + c * g.taps(), init, scratch, zp);
           if (batch_stats) sum += plane_sum(zp, g.out_plane());
         }
         if (!batch_stats) continue;
@@ -265,6 +353,7 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, con
   const at::Tensor grad_pooled = pooled_grad.value_or(at::Tensor()), z = centred.value_or(at::Tensor());
   const at::Tensor e = e_terms.value_or(at::Tensor()), f = f_terms.value_or(at::Tensor());
   const Geometry g = make_geometry(x, weight, stride, padding, dilation);
+  const Taps taps(g);
   const std::vector<int64_t> out_sizes{g.batch, g.channels, g.out_h, g.out_w};
   TORCH_CHECK(grad_z.is_contiguous() && grad_z.sizes() == at::IntArrayRef(out_sizes),
               "grad_z must be a contiguous (B, C, H_out, W_out) tensor, got ", grad_z.sizes());
@@ -293,16 +382,17 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, con
     T* dxd = need_input ? grad_x.data_ptr<T>() : nullptr;
     T* dwd = need_weight ? grad_weight.data_ptr<T>() : nullptr;
     at::parallel_for(0, g.channels, channel_grain(g), [&](int64_t c0, int64_t c1) {
-      Scratch<T> scratch(g, need_input);
+      Scratch<T> scratch(g, taps, need_input);
       std::vector<double> grad_w(g.taps());
       for (int64_t c = c0; c < c1; ++c) {
         std::fill(grad_w.begin(), grad_w.end(), 0.0);
+        scratch.set_weights(taps, wd + c * g.taps());
         const T ec = affine_terms ? ed[c] : T(0), fc = affine_terms ? fd[c] : T(0);
         for (int64_t b = 0; b < g.batch; ++b) {
           const int64_t out_at = (b * g.channels + c) * g.out_plane(), in_at = (b * g.channels + c) * g.plane();
           for (int64_t i = 0; i < g.out_h; ++i) {
             const T* gp = gd + out_at + i * g.out_w;
-            T* row = scratch.rows.data() + i * g.phase_w;
+            T* row = scratch.rows + i * g.phase_w;
             if (affine_terms) {
               const T* zp = zd + out_at + i * g.out_w;
               for (int64_t j = 0; j < g.out_w; ++j) row[j] = gp[j] + ec * zp[j] + fc;
@@ -316,8 +406,7 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, con
             dx = dxd + in_at;
             std::fill(dx, dx + g.plane(), pgd ? static_cast<T>(pgd[b * g.channels + c] / g.plane()) : T(0));
           }
-          conv_plane_backward(g, xd + in_at, wd + c * g.taps(), scratch, dx,
-                              need_weight ? grad_w.data() : nullptr);
+          conv_plane_backward(g, taps, xd + in_at, scratch, dx, need_weight ? grad_w.data() : nullptr);
         }
         if (need_weight) {
           for (int64_t t = 0; t < g.taps(); ++t) dwd[c * g.taps() + t] = static_cast<T>(grad_w[t]);
