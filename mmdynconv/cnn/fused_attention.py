@@ -65,9 +65,13 @@ def can_fuse(gen: nn.Module, x: Tensor) -> bool:
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
-    if any((t.is_floating_point() and t.dtype != x.dtype)
-           or t.device != x.device
-           for t in [*gen.parameters(), *gen.buffers()]):
+    # every floating-point parameter and buffer of the generator (listed,
+    # not walked: walking the module tree costs more than the check)
+    tensors = [*fused_params(gen)]
+    for norm in norms:
+        tensors += [norm.running_mean, norm.running_var]
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device)
+           for t in tensors):
         return False
     if any(uses_batch_statistics(norm) for norm in norms):
         return x.shape[0] * _local_out_size(gen, x).numel() > 1
@@ -81,9 +85,10 @@ _CALL_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks',
 def _has_call_hooks(gen: nn.Module) -> bool:
     """Whether a module call on one of gen's submodules would run hooks
     (forward or backward, global or the submodule's own)."""
+    children = gen._modules.values()
     return any(
         getattr(nn.modules.module, '_global' + name)
-        or any(getattr(m, name) for m in gen.children())
+        or any(m is not None and getattr(m, name) for m in children)
         for name in _CALL_HOOKS)
 
 
