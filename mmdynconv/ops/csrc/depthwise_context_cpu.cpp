@@ -14,7 +14,8 @@
 // Per plane, the zero-padded input is split into its stride phases (see
 // Geometry), so that every tap is one flat, unit-stride run over all output
 // rows at once: long vectorised loops even for 7x7 maps. Sums are vectorised
-// too (omp simd reductions: lanes summed in any order).
+// too (omp simd reductions: lanes summed in any order, in x's dtype within a
+// plane and in double across planes).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -178,7 +179,7 @@ inline double dot(const T* __restrict a, const T* __restrict b, int64_t n) {
 
 template <typename T>
 double plane_sum(const T* p, int64_t n) {
-  double acc = 0;
+  T acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) acc += p[j];
   return acc;
@@ -187,11 +188,11 @@ double plane_sum(const T* p, int64_t n) {
 // p -= mean; returns the sum of the centred squares.
 template <typename T>
 double centre_plane(T* p, int64_t n, T mean) {
-  double acc = 0;
+  T acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
     p[j] -= mean;
-    acc += double(p[j]) * p[j];
+    acc += p[j] * p[j];
   }
   return acc;
 }
@@ -213,16 +214,37 @@ void for_each_phase_row(const Geometry& g, const Fn& fn) {
   }
 }
 
+// dst[k] = src[k * stride] for k < n; stride 2 (the common strided conv) as
+// a constant, so that the loop is vectorised.
+template <typename T>
+void strided_copy(const T* __restrict src, int64_t stride, T* __restrict dst, int64_t n) {
+  if (stride == 1) {
+    std::copy_n(src, n, dst);
+  } else if (stride == 2) {
+    for (int64_t k = 0; k < n; ++k) dst[k] = src[2 * k];
+  } else {
+    for (int64_t k = 0; k < n; ++k) dst[k] = src[k * stride];
+  }
+}
+
+// dst[k * stride] += src[k] for k < n; stride 1 and 2 as constants.
+template <typename T>
+void strided_add(const T* __restrict src, int64_t stride, T* __restrict dst, int64_t n) {
+  if (stride == 1) {
+    for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+  } else if (stride == 2) {
+    for (int64_t k = 0; k < n; ++k) dst[2 * k] += src[k];
+  } else {
+    for (int64_t k = 0; k < n; ++k) dst[k * stride] += src[k];
+  }
+}
+
 // The phase planes of input plane x (zero outside it) into q.
 template <typename T>
 void build_phases(const Geometry& g, const T* x, T* q) {
   std::fill(q, q + g.phases_size(), T(0));
   for_each_phase_row(g, [&](int64_t at, int64_t from, int64_t first, int64_t last) {
-    if (g.sw == 1) {
-      std::copy_n(x + from, last - first, q + at + first);
-    } else {
-      for (int64_t w = first; w < last; ++w) q[at + w] = x[from + (w - first) * g.sw];
-    }
+    strided_copy(x + from, g.sw, q + at + first, last - first);
   });
 }
 
@@ -230,7 +252,7 @@ void build_phases(const Geometry& g, const T* x, T* q) {
 template <typename T>
 void add_phases(const Geometry& g, const T* dq, T* dx) {
   for_each_phase_row(g, [&](int64_t at, int64_t from, int64_t first, int64_t last) {
-    for (int64_t w = first; w < last; ++w) dx[from + (w - first) * g.sw] += dq[at + w];
+    strided_add(dq + at + first, g.sw, dx + from, last - first);
   });
 }
 
