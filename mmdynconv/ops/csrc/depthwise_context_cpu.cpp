@@ -151,6 +151,30 @@ void weighted_sum(const T* src, const std::vector<int64_t>& offsets, const T* w,
   }
 }
 
+// grad_w[t] += sum_j g[j] * src[offsets[t] + j] for j < n, every tap in one
+// pass over g: one accumulator per tap, so the sums do not wait on each
+// other. acc: scratch for offsets.size() vectors.
+template <typename T>
+void tap_dots(const T* g, const T* src, const std::vector<int64_t>& offsets, int64_t n,
+              typename Vec<T>::type* acc, double* grad_w) {
+  using V = Vec<T>;
+  using VT = typename V::type;
+  constexpr int64_t L = V::size;
+  const int64_t taps = static_cast<int64_t>(offsets.size());
+  for (int64_t t = 0; t < taps; ++t) acc[t] = VT{};
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const VT gv = V::load(g + j);
+    for (int64_t t = 0; t < taps; ++t) acc[t] += gv * V::load(src + offsets[t] + j);
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    double sum = 0;
+    for (int64_t k = 0; k < L; ++k) sum += acc[t][k];
+    for (int64_t r = j; r < n; ++r) sum += double(g[r]) * src[offsets[t] + r];
+    grad_w[t] += sum;
+  }
+}
+
 // Channels per task, so that one task does at least ~32k multiply-adds.
 int64_t channel_grain(const Geometry& g) {
   const int64_t work = std::max<int64_t>(1, g.batch * g.out_plane() * g.taps());
@@ -167,14 +191,6 @@ void check_vector(const at::Tensor& t, const Geometry& g, const char* name) {
 template <typename T>
 inline void axpy(T* __restrict y, const T* __restrict x, T w, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += w * x[j];
-}
-
-template <typename T>
-inline double dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
-  return acc;
 }
 
 template <typename T>
@@ -264,13 +280,15 @@ struct Scratch {
   std::vector<T> phases, grad_phases, padded_rows;
   T* rows;
   std::vector<std::vector<T>> phase_weights;  // per phase plane: its taps' weights
+  std::vector<typename Vec<T>::type> tap_sums;  // per tap: tap_dots' accumulator
 
   Scratch(const Geometry& g, const Taps& taps, bool grad)
       : phases(g.phases_size()),
         grad_phases(grad ? g.phases_size() : 0),
         padded_rows(taps.lead + g.phase_size(), T(0)),
         rows(padded_rows.data() + taps.lead),
-        phase_weights(taps.tap_index.size()) {}
+        phase_weights(taps.tap_index.size()),
+        tap_sums(taps.offsets.size()) {}
 
   void set_weights(const Taps& taps, const T* w) {
     for (size_t p = 0; p < taps.tap_index.size(); ++p) {
@@ -296,7 +314,7 @@ template <typename T>
 void conv_plane_backward(const Geometry& g, const Taps& taps, const T* x, Scratch<T>& s, T* dx, double* grad_w) {
   if (grad_w) {
     build_phases(g, x, s.phases.data());
-    for (int64_t t = 0; t < g.taps(); ++t) grad_w[t] += dot(s.rows, s.phases.data() + taps.offsets[t], g.run());
+    tap_dots(s.rows, s.phases.data(), taps.offsets, g.run(), s.tap_sums.data(), grad_w);
   }
   if (!dx) return;
   for (size_t p = 0; p < taps.by_phase.size(); ++p) {
