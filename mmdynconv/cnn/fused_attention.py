@@ -399,7 +399,7 @@ def _tail_backward(gen: nn.Module, tail: _Tail, grad_logits: Tensor):
 
 def _local_backward(gen: nn.Module, local: _Local, grad_out: Tensor):
     """Backward of local = local_proj(local_norm(z)) from its gradient
-    (B, M, P).
+    (B, M, P); overwrites local.centred.
 
     Returns:
         The gradient at z up to the norm's per-channel terms, (B, C, P);
@@ -417,7 +417,10 @@ def _local_backward(gen: nn.Module, local: _Local, grad_out: Tensor):
         local.centred.numel() // local.centred.shape[1],
         grad_sum @ local.weight, (cross * local.weight).sum(0))
     folded = (local.weight * local.scale).t()
-    grad_z = torch.bmm(folded.expand(grad_out.shape[0], -1, -1), grad_out)
+    # into z's buffer: the depthwise backward recomputes z where it needs it
+    grad_z = torch.bmm(folded.expand(grad_out.shape[0], -1, -1),
+                       grad_out,
+                       out=local.centred)
     return (grad_z, e, f, grad_gamma, grad_beta,
             grad_proj.view_as(gen.local_proj.weight))
 
@@ -442,7 +445,7 @@ def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
     grad_x, grad_dw = depthwise_context_backward(
         grad_z.view(maps), x, conv.weight, conv.stride, conv.padding,
         conv.dilation, grad_pooled,
-        None if e is None else (local.centred.view(maps), e, f), needs[:2])
+        None if e is None else (local.stats.mean, e, f), needs[:2])
     return (grad_x, grad_dw, grad_local_w, grad_local_b, grad_proj,
             grad_global, grad_fuse_w, grad_fuse_b, grad_head, grad_head_b)
 

@@ -66,19 +66,20 @@ def depthwise_context_backward(
         affine: Optional[Tuple[Tensor, Tensor, Tensor]],
         needs: Tuple[bool, bool]) -> List[Optional[Tensor]]:
     """Gradients of x (B, C, H, W) and weight from that of the conv's output,
-    g = grad_z + e * z + f per channel for affine = (z, e, f) (z: the centred
-    output (B, C, H_out, W_out), e and f (C,)) or grad_z alone (affine None);
-    grad_pooled (B, C) or None adds the spatial mean's gradient to x's.
-    needs: (x's, weight's); None where not needed."""
+    g = grad_z + e * z + f per channel with z = conv(x) - mean, for
+    affine = (mean, e, f) (all (C,); z is recomputed), or grad_z alone
+    (affine None); grad_pooled (B, C) or None adds the spatial mean's
+    gradient to x's. needs: (x's, weight's); None where not needed."""
     if compiled(x):
-        z, e, f = affine if affine is not None else (None, None, None)
+        mean, e, f = affine if affine is not None else (None, None, None)
         return _depthwise_cpu.backward(
             grad_z.contiguous(), x.contiguous(), weight.contiguous(), stride,
             padding, dilation,
             grad_pooled if grad_pooled is None else grad_pooled.contiguous(),
-            z, e, f, *needs)
+            mean, e, f, *needs)
     if affine is not None:
-        z, e, f = affine
+        mean, e, f = affine
+        z = F.conv2d(x, weight, -mean, stride, padding, dilation, x.shape[1])
         grad_z = torch.addcmul(grad_z + f[:, None, None], z, e[:, None, None])
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_z, x, weight, None, stride, padding, dilation, False, [0, 0],

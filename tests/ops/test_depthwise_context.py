@@ -79,12 +79,13 @@ def test_forward_and_backward_match_autograd(path, size, kernel, stride,
     grad_z = torch.randn_like(centred)
     grad_pooled = torch.randn_like(pooled)
     e, f = torch.randn(5, dtype=DTYPE), torch.randn(5, dtype=DTYPE)
-    fixed = centred.detach()
-    g = grad_z + e[:, None, None] * fixed + f[:, None, None]
+    fixed_mean = mean_ref.detach()
+    g = (grad_z + e[:, None, None] * (z.detach() - fixed_mean[:, None, None])
+         + f[:, None, None])
     torch.autograd.backward([z, pooled], [g, grad_pooled])
     grad_x, grad_w = dc.depthwise_context_backward(grad_z, x, weight, *geo,
                                                    grad_pooled,
-                                                   (fixed, e, f),
+                                                   (fixed_mean, e, f),
                                                    (True, True))
     torch.testing.assert_close(grad_x, x_ref.grad, **TOL)
     torch.testing.assert_close(grad_w, w_ref.grad, **TOL)

@@ -5,8 +5,10 @@
 //             or by a given mean), the batch mean and biased variance of z
 //             per channel, and the spatial mean of x per (sample, channel);
 //   backward: with g = grad_z + e[c] * z + f[c] (e, f: a batch norm's
-//             backward terms; optional), the gradients of x (plus the share
-//             of the pooled mean's gradient) and of the depthwise weight.
+//             backward terms; optional; z recomputed from x, which the
+//             weight gradient reads anyway), the gradients of x (plus the
+//             share of the pooled mean's gradient) and of the depthwise
+//             weight.
 //
 // Each channel's planes are independent, so threads take channels; within a
 // channel the B planes of z stay in cache from the conv to its statistics.
@@ -277,7 +279,7 @@ void add_phases(const Geometry& g, const T* dq, T* dx) {
 // the input-gradient sum reads it at negative offsets.
 template <typename T>
 struct Scratch {
-  std::vector<T> phases, grad_phases, padded_rows;
+  std::vector<T> phases, grad_phases, padded_rows, conv_rows;
   T* rows;
   std::vector<std::vector<T>> phase_weights;  // per phase plane: its taps' weights
   std::vector<typename Vec<T>::type> tap_sums;  // per tap: tap_dots' accumulator
@@ -287,6 +289,7 @@ struct Scratch {
         grad_phases(grad ? g.phases_size() : 0),
         padded_rows(taps.lead + g.phase_size(), T(0)),
         rows(padded_rows.data() + taps.lead),
+        conv_rows(g.run()),
         phase_weights(taps.tap_index.size()),
         tap_sums(taps.offsets.size()) {}
 
@@ -306,16 +309,38 @@ void conv_plane(const Geometry& g, const Taps& taps, const T* x, const T* w, T i
   for (int64_t i = 0; i < g.out_h; ++i) std::copy_n(s.rows + i * g.phase_w, g.out_w, z + i * g.out_w);
 }
 
+// The gradient at one output plane into s.rows (rows of phase_w, zero in
+// the scratch columns): grad_z, plus e * z + f where affine (e non-null;
+// z = conv(x) - mean, recomputed from the phase planes in s.phases).
+template <typename T>
+void gradient_rows(const Geometry& g, const Taps& taps, const T* grad_z, const T* w, const T* affine,
+                   Scratch<T>& s) {
+  if (affine) {
+    const T mean = affine[0], e = affine[1], f = affine[2];
+    weighted_sum(s.phases.data(), taps.offsets, w, -mean, s.conv_rows.data(), g.run());
+    for (int64_t i = 0; i < g.out_h; ++i) {
+      const T* gp = grad_z + i * g.out_w;
+      const T* zp = s.conv_rows.data() + i * g.phase_w;
+      T* row = s.rows + i * g.phase_w;
+      for (int64_t j = 0; j < g.out_w; ++j) row[j] = gp[j] + e * zp[j] + f;
+      std::fill(row + g.out_w, row + g.phase_w, T(0));
+    }
+    return;
+  }
+  for (int64_t i = 0; i < g.out_h; ++i) {
+    T* row = s.rows + i * g.phase_w;
+    std::copy_n(grad_z + i * g.out_w, g.out_w, row);
+    std::fill(row + g.out_w, row + g.phase_w, T(0));
+  }
+}
+
 // One input plane's gradient added to dx (may be null) and the weight
-// gradient's sums (grad_w, may be null) from the output gradient, given in
-// s.rows (rows of phase_w, zero in the scratch columns), with the channel's
+// gradient's sums (grad_w, may be null) from the output gradient in s.rows,
+// with the plane's phases in s.phases (needed for grad_w) and the channel's
 // weights in s.phase_weights.
 template <typename T>
-void conv_plane_backward(const Geometry& g, const Taps& taps, const T* x, Scratch<T>& s, T* dx, double* grad_w) {
-  if (grad_w) {
-    build_phases(g, x, s.phases.data());
-    tap_dots(s.rows, s.phases.data(), taps.offsets, g.run(), s.tap_sums.data(), grad_w);
-  }
+void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, T* dx, double* grad_w) {
+  if (grad_w) tap_dots(s.rows, s.phases.data(), taps.offsets, g.run(), s.tap_sums.data(), grad_w);
   if (!dx) return;
   for (size_t p = 0; p < taps.by_phase.size(); ++p) {
     weighted_sum(s.rows, taps.by_phase[p], s.phase_weights[p].data(), T(0),
@@ -378,19 +403,19 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
 }
 
 // Gradients from grad_z (B, C, H_out, W_out): the gradient at z is
-// g = grad_z + e[c] * z + f[c] when z (the centred conv output) and e, f
-// (C,) are given, else grad_z; grad_pooled (B, C) or None is the pooled
+// g = grad_z + e[c] * z + f[c] with z = conv(x) - mean[c] when mean, e and
+// f (C,) are given, else grad_z; grad_pooled (B, C) or None is the pooled
 // mean's gradient. -> [grad_x (B, C, H, W), grad_weight (C, 1, kh, kw)],
 // undefined where not needed.
 std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, const at::Tensor& x,
                                                    const at::Tensor& weight, at::IntArrayRef stride,
                                                    at::IntArrayRef padding, at::IntArrayRef dilation,
                                                    const std::optional<at::Tensor>& pooled_grad,
-                                                   const std::optional<at::Tensor>& centred,
+                                                   const std::optional<at::Tensor>& mean_terms,
                                                    const std::optional<at::Tensor>& e_terms,
                                                    const std::optional<at::Tensor>& f_terms, bool need_input,
                                                    bool need_weight) {
-  const at::Tensor grad_pooled = pooled_grad.value_or(at::Tensor()), z = centred.value_or(at::Tensor());
+  const at::Tensor grad_pooled = pooled_grad.value_or(at::Tensor()), mean = mean_terms.value_or(at::Tensor());
   const at::Tensor e = e_terms.value_or(at::Tensor()), f = f_terms.value_or(at::Tensor());
   const Geometry g = make_geometry(x, weight, stride, padding, dilation);
   const Taps taps(g);
@@ -398,9 +423,7 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, con
   TORCH_CHECK(grad_z.is_contiguous() && grad_z.sizes() == at::IntArrayRef(out_sizes),
               "grad_z must be a contiguous (B, C, H_out, W_out) tensor, got ", grad_z.sizes());
   const bool affine_terms = e.defined();
-  TORCH_CHECK(affine_terms == f.defined() && affine_terms == z.defined(), "give z, e and f together");
-  TORCH_CHECK(!affine_terms || (z.is_contiguous() && z.sizes() == at::IntArrayRef(out_sizes)),
-              "z must be a contiguous (B, C, H_out, W_out) tensor");
+  TORCH_CHECK(affine_terms == f.defined() && affine_terms == mean.defined(), "give mean, e and f together");
   TORCH_CHECK(!grad_pooled.defined() ||
                   (grad_pooled.is_contiguous() && grad_pooled.sizes() == at::IntArrayRef({g.batch, g.channels})),
               "grad_pooled must be a contiguous (B, C) tensor");
@@ -409,13 +432,14 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, con
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_context_backward", [&] {
     using T = scalar_t;
     if (affine_terms) {
+      check_vector<T>(mean, g, "mean");
       check_vector<T>(e, g, "e");
       check_vector<T>(f, g, "f");
     }
     const T* xd = x.data_ptr<T>();
     const T* wd = weight.data_ptr<T>();
     const T* gd = grad_z.data_ptr<T>();
-    const T* zd = affine_terms ? z.data_ptr<T>() : nullptr;
+    const T* md = affine_terms ? mean.data_ptr<T>() : nullptr;
     const T* ed = affine_terms ? e.data_ptr<T>() : nullptr;
     const T* fd = affine_terms ? f.data_ptr<T>() : nullptr;
     const T* pgd = grad_pooled.defined() ? grad_pooled.data_ptr<T>() : nullptr;
@@ -427,26 +451,18 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, con
       for (int64_t c = c0; c < c1; ++c) {
         std::fill(grad_w.begin(), grad_w.end(), 0.0);
         scratch.set_weights(taps, wd + c * g.taps());
-        const T ec = affine_terms ? ed[c] : T(0), fc = affine_terms ? fd[c] : T(0);
+        const T affine[3] = {affine_terms ? md[c] : T(0), affine_terms ? ed[c] : T(0),
+                             affine_terms ? fd[c] : T(0)};
         for (int64_t b = 0; b < g.batch; ++b) {
           const int64_t out_at = (b * g.channels + c) * g.out_plane(), in_at = (b * g.channels + c) * g.plane();
-          for (int64_t i = 0; i < g.out_h; ++i) {
-            const T* gp = gd + out_at + i * g.out_w;
-            T* row = scratch.rows + i * g.phase_w;
-            if (affine_terms) {
-              const T* zp = zd + out_at + i * g.out_w;
-              for (int64_t j = 0; j < g.out_w; ++j) row[j] = gp[j] + ec * zp[j] + fc;
-            } else {
-              std::copy_n(gp, g.out_w, row);
-            }
-            std::fill(row + g.out_w, row + g.phase_w, T(0));
-          }
+          if (need_weight || affine_terms) build_phases(g, xd + in_at, scratch.phases.data());
+          gradient_rows(g, taps, gd + out_at, wd + c * g.taps(), affine_terms ? affine : nullptr, scratch);
           T* dx = nullptr;
           if (need_input) {
             dx = dxd + in_at;
             std::fill(dx, dx + g.plane(), pgd ? static_cast<T>(pgd[b * g.channels + c] / g.plane()) : T(0));
           }
-          conv_plane_backward(g, taps, xd + in_at, scratch, dx, need_weight ? grad_w.data() : nullptr);
+          conv_plane_backward(g, taps, scratch, dx, need_weight ? grad_w.data() : nullptr);
         }
         if (need_weight) {
           for (int64_t t = 0; t < g.taps(); ++t) dwd[c * g.taps() + t] = static_cast<T>(grad_w[t]);
