@@ -309,6 +309,11 @@ def _by_group(t: Tensor, gen: nn.Module) -> Tensor:
     return t.view(t.shape[0], gen.attn_groups, -1, t.shape[2])
 
 
+def _flat(attn: Tensor) -> Tensor:
+    """(B, G, K, h, w) -> (B, G*K, h*w); a view for contiguous attn."""
+    return attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2], -1)
+
+
 def _activate(gen: nn.Module, logits: Tensor) -> Tensor:
     """Head logits -> A, both (B, G*K, P)."""
     if gen.act == 'softmax':
@@ -448,11 +453,6 @@ def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
         None if e is None else (local.stats.mean, e, f), needs[:2])
     return (grad_x, grad_dw, grad_local_w, grad_local_b, grad_proj,
             grad_global, grad_fuse_w, grad_fuse_b, grad_head, grad_head_b)
-
-
-def _flat(attn: Tensor) -> Tensor:
-    """(B, G, K, h, w) -> (B, G*K, h*w); a view for contiguous attn."""
-    return attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2], -1)
 
 
 class FusedAttention(torch.autograd.Function):

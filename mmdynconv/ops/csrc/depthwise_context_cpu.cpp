@@ -36,8 +36,8 @@ int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1)
 // ((ki*dh) % sh, (kj*dw) % sw) at (i + ki*dh / sh, j + kj*dw / sw). With the
 // output laid out in rows of phase_w pixels (the last phase_w - out_w
 // columns are scratch), the tap is one flat run of out_h * phase_w pixels
-// from tap_offset. phase_h has one spare row so that the scratch columns of
-// the last output row stay inside the plane.
+// (see Taps). phase_h has one spare row so that the scratch columns of the
+// last output row stay inside the plane.
 struct Geometry {
   int64_t batch, channels, height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w;
   int64_t phase_h, phase_w;
@@ -48,10 +48,6 @@ struct Geometry {
   int64_t phase_size() const { return phase_h * phase_w; }
   int64_t phases_size() const { return sh * sw * phase_size(); }
   int64_t run() const { return out_h * phase_w; }
-  int64_t tap_offset(int64_t ki, int64_t kj) const {
-    const int64_t phase = ((ki * dh) % sh) * sw + (kj * dw) % sw;
-    return phase * phase_size() + (ki * dh / sh) * phase_w + kj * dw / sw;
-  }
   // Input rows (or columns) [first, last) of phase rows (columns) 0.. count
   // for phase a: input index h*s + a - p.
   static std::pair<int64_t, int64_t> inside(int64_t count, int64_t s, int64_t a, int64_t p, int64_t size) {
@@ -191,11 +187,6 @@ void check_vector(const at::Tensor& t, const Geometry& g, const char* name) {
 }
 
 template <typename T>
-inline void axpy(T* __restrict y, const T* __restrict x, T w, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) y[j] += w * x[j];
-}
-
-template <typename T>
 double plane_sum(const T* p, int64_t n) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
@@ -274,9 +265,10 @@ void add_phases(const Geometry& g, const T* dq, T* dx) {
   });
 }
 
-// Per-thread scratch: phase planes, their gradient, and one output plane
-// in rows of phase_w, led by `lead` zeros (and zero past the run) so that
-// the input-gradient sum reads it at negative offsets.
+// Per-thread scratch: phase planes, their gradient, and two output planes
+// in rows of phase_w: `rows` (the conv's output, or its gradient), led by
+// `lead` zeros (and zero past the run) so that the input-gradient sum reads
+// it at negative offsets, and `conv_rows` (z recomputed in backward).
 template <typename T>
 struct Scratch {
   std::vector<T> phases, grad_phases, padded_rows, conv_rows;
@@ -288,8 +280,8 @@ struct Scratch {
       : phases(g.phases_size()),
         grad_phases(grad ? g.phases_size() : 0),
         padded_rows(taps.lead + g.phase_size(), T(0)),
-        rows(padded_rows.data() + taps.lead),
         conv_rows(g.run()),
+        rows(padded_rows.data() + taps.lead),
         phase_weights(taps.tap_index.size()),
         tap_sums(taps.offsets.size()) {}
 
