@@ -57,7 +57,7 @@ fi
 log "installing the cached mmcv wheel and the rest of the stack"
 "${PIP[@]}" "$MMCV_WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl
 "${PIP[@]}" -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
-log "installing mmdynconv (compiles its CPU extension, about a minute)"
+log "installing mmdynconv (compiles its two CPU extensions, about two minutes)"
 "${PIP[@]}" --no-deps --no-build-isolation --use-pep517 -e "$ROOT"
 
 "$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpretrain, mmdynconv.ops._aik_cpu, mmdynconv.ops._depthwise_cpu' \

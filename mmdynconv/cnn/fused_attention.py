@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from mmdynconv.ops.depthwise_context import (depthwise_context,
                                             depthwise_context_backward)
 
+
 def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
     """Whether ``norm`` normalises by the batch's statistics (as
     ``nn.BatchNorm2d.forward`` decides)."""

@@ -7,7 +7,6 @@ from torch import nn
 
 from mmdynconv.cnn import AIKAttention, AIKConv2d
 from mmdynconv.cnn.fused_attention import can_fuse
-from mmdynconv.ops import depthwise_context
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -109,13 +108,8 @@ OPTIONS = [
 
 @pytest.mark.parametrize('options', OPTIONS)
 @pytest.mark.parametrize('train', [True, False])
-@pytest.mark.parametrize('compiled', [True, False])
 def test_values_gradients_and_statistics_match_the_modules(
-        options, train, compiled, monkeypatch):
-    if compiled:
-        assert depthwise_context.AVAILABLE, 'the CPU extension is not built'
-    else:  # the torch path (CUDA, or no extension)
-        monkeypatch.setattr(depthwise_context, 'AVAILABLE', False)
+        options, train, depthwise_path):
     gen = make_generator(**options).train(train)
     x = torch.randn(2, 16, 9, 10, dtype=DTYPE) * 2 + 0.5
     assert_same_state(*run_both(gen, x))

@@ -34,15 +34,6 @@ def valid(size, kernel, stride, padding, dilation):
 CASES = [g for g in GEOMETRIES if valid(*g)]
 
 
-@pytest.fixture(params=['compiled', 'torch'])
-def path(request, monkeypatch):
-    if request.param == 'compiled':
-        assert dc.AVAILABLE, 'the CPU extension is not built'
-    else:
-        monkeypatch.setattr(dc, 'AVAILABLE', False)
-    return request.param
-
-
 def inputs(size, kernel, channels=5):
     torch.manual_seed(0)
     x = torch.randn(3, channels, *size, dtype=DTYPE) + 0.3
@@ -52,8 +43,9 @@ def inputs(size, kernel, channels=5):
 
 @pytest.mark.parametrize('size,kernel,stride,padding,dilation', CASES)
 @pytest.mark.parametrize('given_mean', [False, True])
-def test_forward_and_backward_match_autograd(path, size, kernel, stride,
-                                             padding, dilation, given_mean):
+def test_forward_and_backward_match_autograd(depthwise_path, size, kernel,
+                                             stride, padding, dilation,
+                                             given_mean):
     geo = pair(stride), pair(padding), pair(dilation)
     x, weight = inputs(size, kernel)
     mean = torch.randn(5, dtype=DTYPE) if given_mean else None
@@ -92,7 +84,8 @@ def test_forward_and_backward_match_autograd(path, size, kernel, stride,
 
 
 @pytest.mark.parametrize('needs', [(True, False), (False, True)])
-def test_backward_without_affine_terms_or_pooled_gradient(path, needs):
+def test_backward_without_affine_terms_or_pooled_gradient(
+        depthwise_path, needs):
     geo = (2, 2), (1, 1), (1, 1)
     x, weight = inputs((9, 8), (3, 3))
     x_ref = x.clone().requires_grad_()
@@ -109,7 +102,7 @@ def test_backward_without_affine_terms_or_pooled_gradient(path, needs):
             assert grad is None
 
 
-def test_float32_and_non_contiguous_input(path):
+def test_float32_and_non_contiguous_input(depthwise_path):
     geo = (1, 1), (1, 1), (1, 1)
     x, weight = inputs((10, 11), (3, 3), channels=6)
     x32 = x.float().transpose(2, 3)  # (3, 6, 11, 10), not contiguous
