@@ -22,12 +22,17 @@
 // * one tile of the whole batch (wide layers with small maps, whose weight
 //   is too big to re-read per small tile): each GEMM on all threads, on
 //   copies of y and dy with images side by side (they are small here); the
-//   element-wise passes in parallel over bands of output rows.
+//   element-wise passes in parallel over blocks of channels of whole images
+//   (each thread sums its own attention gradient).
 // Strided convolutions read x through its stride phases (see Geometry), so
 // that every pass runs over unit-stride rows.
-// Input-gradient passes that run at the same time must not touch the same
-// input row: they take bands of output rows in two phases, even then odd
-// bands, with each band tall enough that bands two apart read disjoint rows.
+// The passes read the attention masked by the taps' padding (zero where a
+// tap reads outside the input), so that a tap's rows run flat over row ends
+// without per-row edge handling.
+// Input-gradient passes on bands that run at the same time must not touch
+// the same input row: they take bands of output rows in two phases, even
+// then odd bands, with each band tall enough that bands two apart read
+// disjoint rows.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -56,15 +61,17 @@ struct Geometry {
 
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// Output rows oh0 <= oh < oh1 of image b; index counts the bands of the image.
+// Output rows oh0 <= oh < oh1 of channels c0 <= c < c1 of image b; index
+// counts the bands of the image.
 struct Band {
-  int64_t b, oh0, oh1, index;
+  int64_t b, oh0, oh1, index, c0, c1;
 };
 
 // A tile: output rows oh0 <= oh < oh1 of images b0 <= b < b1 (a band of one
 // image, or the whole batch), matched with the columns (image-major) of its
 // patch matrix.
-// Its element-wise passes are split into parts, bands of single images.
+// Its element-wise passes are split into parts: the band itself, or for the
+// whole batch, blocks of channels of single images.
 struct Tile {
   int64_t b0, b1, oh0, oh1, index;
   std::vector<Band> parts;
@@ -117,7 +124,7 @@ std::vector<Band> make_bands(const Geometry& g, int64_t b, int64_t height) {
   height = std::min(g.out_h, std::max(min_height, height));
   std::vector<Band> bands;
   for (int64_t oh = 0, k = 0; oh < g.out_h; oh += height, ++k) {
-    bands.push_back({b, oh, std::min(oh + height, g.out_h), k});
+    bands.push_back({b, oh, std::min(oh + height, g.out_h), k, 0, g.channels});
   }
   return bands;
 }
@@ -138,15 +145,22 @@ Schedule make_schedule(const Geometry& g, int64_t tile_elements, int64_t thread_
       }
     }
   } else {  // the whole batch fits the budget of all threads' tiles: one tile
+    // whose parts are whole images of blocks of channels (long runs per tap
+    // row; parts of different channels never write the same input pixel)
     Tile tile{0, g.batch, 0, g.out_h, 0, {}};
+    const int64_t channel_elements = g.taps() * g.positions();
+    const int64_t block = std::max<int64_t>(1, (thread_elements + channel_elements - 1) / channel_elements);
     for (int64_t b = 0; b < g.batch; ++b) {
-      for (const Band& band : make_bands(g, b, 1)) tile.parts.push_back(band);
+      for (int64_t c = 0; c < g.channels; c += block) {
+        tile.parts.push_back({b, 0, g.out_h, 0, c, std::min(c + block, g.channels)});
+      }
     }
     schedule.tiles.push_back(std::move(tile));
   }
   const Tile& first = schedule.tiles.front();
+  const Band& part = first.parts[0];
   schedule.tile_elements = first.positions(g) * g.cols();
-  schedule.part_elements = (first.parts[0].oh1 - first.parts[0].oh0) * g.out_w * g.cols();
+  schedule.part_elements = (part.oh1 - part.oh0) * g.out_w * (part.c1 - part.c0) * g.taps();
   return schedule;
 }
 
@@ -186,28 +200,30 @@ void for_each_tile(const Schedule& schedule, bool two_phases, const Fn& tile_fn)
       [&](int64_t i, int64_t thread) { tile_fn(schedule.tiles[i], thread); });
 }
 
-// Runs part_fn(part) over the tile's parts, in parallel unless the tiles
-// themselves run in parallel.
+// Runs part_fn(part, thread) over the tile's parts, in parallel unless the
+// tiles themselves run in parallel (then as the tile's thread).
 template <typename Fn>
-void for_each_part(const Schedule& schedule, const Tile& tile, bool two_phases, const Fn& part_fn) {
+void for_each_part(const Schedule& schedule, const Tile& tile, int64_t tile_thread, bool two_phases,
+                   const Fn& part_fn) {
   if (schedule.parallel_tiles) {
-    for (const Band& part : tile.parts) part_fn(part);
+    for (const Band& part : tile.parts) part_fn(part, tile_thread);
     return;
   }
   parallel_in_phases(
       schedule, static_cast<int64_t>(tile.parts.size()), schedule.part_elements, two_phases,
       [&](int64_t i) { return tile.parts[i].index % 2; },
-      [&](int64_t i, int64_t) { part_fn(tile.parts[i]); });
+      [&](int64_t i, int64_t thread) { part_fn(tile.parts[i], thread); });
 }
 
-// Pointers of one tile's element-wise pass: x, attn and (optional) their
-// gradients, whole; the tile's (C*K, R) matrix over its R positions.
+// Pointers of one tile's element-wise pass: x, the masked attention and
+// (optional) their gradients, whole; the tile's (C*K, R) matrix over its R
+// positions.
 template <typename scalar_t>
 struct TileData {
   const scalar_t* x;
-  const scalar_t* attn;
-  scalar_t* matrix;  // P (written) or Q (read)
-  scalar_t* grad_attn;
+  const scalar_t* attn;  // zero where the tap reads outside its plane
+  scalar_t* matrix;      // P (written) or Q (read)
+  scalar_t* grad_attn;   // before the mask: a thread's partial sum, see aik_backward
   scalar_t* grad_x;
 };
 
@@ -222,22 +238,32 @@ struct TapRow {
   int64_t di, dj;         // plane pixel minus output position
 };
 
+// Where tap (i, j) reads: plane pixel minus output position (di, dj), and
+// the index of its phase plane.
+struct TapShift {
+  int64_t di, dj, phase;
+};
+
+TapShift tap_shift(const Geometry& g, int64_t i, int64_t j) {
+  const int64_t row_shift = i * g.dh - g.ph, di = floor_div(row_shift, g.sh);
+  const int64_t col_shift = j * g.dw - g.pw, dj = floor_div(col_shift, g.sw);
+  return {di, dj, (row_shift - di * g.sh) * g.sw + col_shift - dj * g.sw};
+}
+
 // Calls fn(row) for each (channel, tap) of the part.
 template <typename Fn>
 void for_each_tap_row(const Geometry& g, const Tile& tile, const Band& part, const Fn& fn) {
   const int64_t R = tile.positions(g), Cg = g.channels / g.attn_groups;
   const int64_t first_position = ((part.b - tile.b0) * (tile.oh1 - tile.oh0) + part.oh0 - tile.oh0) * g.out_w;
-  for (int64_t c = 0; c < g.channels; ++c) {
+  for (int64_t c = part.c0; c < part.c1; ++c) {
     for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t row_shift = i * g.dh - g.ph, di = floor_div(row_shift, g.sh);
       for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t col_shift = j * g.dw - g.pw, dj = floor_div(col_shift, g.sw);
-        const int64_t phase = (row_shift - di * g.sh) * g.sw + col_shift - dj * g.sw;
+        const TapShift shift = tap_shift(g, i, j);
         const int64_t t = i * g.kw + j;
-        const int64_t x_plane = ((part.b * g.channels + c) * g.phases() + phase) * g.plane_size();
+        const int64_t x_plane = ((part.b * g.channels + c) * g.phases() + shift.phase) * g.plane_size();
         fn(TapRow{(c * g.taps() + t) * R + first_position,
                   ((part.b * g.attn_groups + c / Cg) * g.taps() + t) * g.positions(), x_plane,
-                  x_plane + di * g.plane_w + dj, di, dj});
+                  x_plane + shift.di * g.plane_w + shift.dj, shift.di, shift.dj});
       }
     }
   }
@@ -255,16 +281,35 @@ std::pair<int64_t, int64_t> inside_columns(const Geometry& g, int64_t dj) {
   return {begin, std::clamp(g.plane_w - dj, begin, g.out_w)};
 }
 
+// (K, H_out*W_out): 1 where tap t of output position r reads inside its
+// phase plane, 0 where it falls in the padding.
+at::Tensor tap_mask(const Geometry& g, const at::TensorOptions& options) {
+  at::Tensor mask = at::zeros({g.taps(), g.out_h, g.out_w}, options);
+  const Band image{0, 0, g.out_h, 0, 0, g.channels};
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const TapShift shift = tap_shift(g, i, j);
+      const auto [first, last] = inside_rows(g, image, shift.di);
+      const auto [lo, hi] = inside_columns(g, shift.dj);
+      mask.select(0, i * g.kw + j).narrow(0, first, last - first).narrow(1, lo, hi - lo).fill_(1);
+    }
+  }
+  return mask.view({g.taps(), g.positions()});
+}
+
 // With plane_w == W_out, output position k = oh*W_out + ow of a tap reads
-// its plane at k + x_offset, so a tap's rows form one flat run; the run's
-// wrap-around columns (where the tap falls outside the plane) are handled
-// apart. Returns the run's positions [begin, end) whose reads stay inside the
-// plane, for the output rows [first, last).
+// its plane at k + x_offset, so a tap's rows form one flat run. Where the
+// run wraps around a row end it reads the neighbouring row's pixels, and
+// rows past the plane's edge read its first or last row: the masked
+// attention is zero at those positions, so they add nothing (the attention
+// gradient is masked after its pass). Returns the part's positions
+// [begin, end) whose reads stay inside the plane.
 bool flat_runs(const Geometry& g) { return g.out_w == g.plane_w; }
 
-std::pair<int64_t, int64_t> flat_run(const Geometry& g, const TapRow& row, int64_t first, int64_t last) {
+std::pair<int64_t, int64_t> flat_run(const Geometry& g, const TapRow& row, const Band& part) {
   const int64_t shift = row.x_offset - row.x_plane;
-  return {std::max(first * g.out_w, -shift), std::min(last * g.out_w, g.plane_size() - shift)};
+  const int64_t begin = std::clamp(-shift, part.oh0 * g.out_w, part.oh1 * g.out_w);
+  return {begin, std::clamp(g.plane_size() - shift, begin, part.oh1 * g.out_w)};
 }
 
 // Sets the columns of rows [first, last) of m whose tap reads outside its
@@ -281,21 +326,23 @@ void zero_side_columns(const Geometry& g, int64_t dj, int64_t first, int64_t las
 // P[c*K + t, r] = attn[a(c), t, r] * x[c, window(r, t)], zero in the padding.
 template <typename scalar_t>
 void build_patches(const Geometry& g, const Tile& tile, const Band& part, const TileData<scalar_t>& d) {
+  const int64_t part_begin = part.oh0 * g.out_w, part_end = part.oh1 * g.out_w;
   for_each_tap_row(g, tile, part, [&](const TapRow& row) {
     // m, a, src: indexed by output position (oh, ow) -> oh*W_out + ow of the image
-    scalar_t* m = d.matrix + row.matrix_offset - part.oh0 * g.out_w;
+    scalar_t* m = d.matrix + row.matrix_offset - part_begin;
     const scalar_t* a = d.attn + row.attn_offset;
     const scalar_t* src = d.x + row.x_offset;
-    const auto [first, last] = inside_rows(g, part, row.di);
-    std::fill(m + part.oh0 * g.out_w, m + first * g.out_w, scalar_t(0));
-    std::fill(m + last * g.out_w, m + part.oh1 * g.out_w, scalar_t(0));
     if (flat_runs(g)) {
-      const auto [begin, end] = flat_run(g, row, first, last);
+      const auto [begin, end] = flat_run(g, row, part);
+      std::fill(m + part_begin, m + begin, scalar_t(0));
 #pragma omp simd
       for (int64_t k = begin; k < end; ++k) m[k] = a[k] * src[k];
-      zero_side_columns(g, row.dj, first, last, m);
+      std::fill(m + end, m + part_end, scalar_t(0));
       return;
     }
+    const auto [first, last] = inside_rows(g, part, row.di);
+    std::fill(m + part_begin, m + first * g.out_w, scalar_t(0));
+    std::fill(m + last * g.out_w, m + part_end, scalar_t(0));
     const auto [lo, hi] = inside_columns(g, row.dj);
     zero_side_columns(g, row.dj, first, last, m);
     for (int64_t oh = first; oh < last; ++oh) {
@@ -309,29 +356,19 @@ void build_patches(const Geometry& g, const Tile& tile, const Band& part, const 
 }
 
 // From Q[c*K + t, r] = sum_o w[o, c, t] * dy[o, r]:
-// grad_attn[a, t, r] = sum_{c in a} Q * x[c, window(r, t)];
+// grad_attn[a, t, r] += sum_{c in a} Q * x[c, window(r, t)] (before the tap mask);
 // grad_x[c, window(r, t)] += attn[a(c), t, r] * Q.
-// Q's entries where the tap falls in the padding are zeroed first.
 template <typename scalar_t>
 void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
                         const TileData<scalar_t>& d) {
-  if (d.grad_attn) {
-    for (int64_t a = 0; a < g.attn_groups * g.taps(); ++a) {
-      scalar_t* row = d.grad_attn + (part.b * g.attn_groups * g.taps() + a) * g.positions() +
-                      part.oh0 * g.out_w;
-      std::fill(row, row + (part.oh1 - part.oh0) * g.out_w, scalar_t(0));
-    }
-  }
   for_each_tap_row(g, tile, part, [&](const TapRow& row) {
-    scalar_t* q = d.matrix + row.matrix_offset - part.oh0 * g.out_w;
+    const scalar_t* q = d.matrix + row.matrix_offset - part.oh0 * g.out_w;
     const scalar_t* a = d.attn + row.attn_offset;
     const scalar_t* src = d.x + row.x_offset;
     scalar_t* ga = d.grad_attn ? d.grad_attn + row.attn_offset : nullptr;
     scalar_t* gx = d.grad_x ? d.grad_x + row.x_offset : nullptr;
-    const auto [first, last] = inside_rows(g, part, row.di);
-    zero_side_columns(g, row.dj, first, last, q);
     if (flat_runs(g)) {
-      const auto [begin, end] = flat_run(g, row, first, last);
+      const auto [begin, end] = flat_run(g, row, part);
       if (ga) {
 #pragma omp simd
         for (int64_t k = begin; k < end; ++k) ga[k] += q[k] * src[k];
@@ -342,6 +379,7 @@ void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
       }
       return;
     }
+    const auto [first, last] = inside_rows(g, part, row.di);
     const auto [lo, hi] = inside_columns(g, row.dj);
     for (int64_t oh = first; oh < last; ++oh) {
       const int64_t r = oh * g.out_w, x_row = oh * g.plane_w;
@@ -395,6 +433,11 @@ TileData<scalar_t> tile_data(const at::Tensor& x, const at::Tensor& attn, at::Te
           grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr};
 }
 
+// attn (B, G, K, H_out, W_out) times the tap mask (K, H_out*W_out), as (B, G, K, H_out*W_out).
+at::Tensor masked_attention(const at::Tensor& attn, const at::Tensor& mask, const Geometry& g) {
+  return attn.view({g.batch, g.attn_groups, g.taps(), g.positions()}) * mask;
+}
+
 // x (B, C, H, W) -> its phase planes (B, C, s_h*s_w, plane_h, plane_w),
 // contiguous; x itself for stride 1.
 at::Tensor phase_planes(const at::Tensor& x, const Geometry& g) {
@@ -430,14 +473,16 @@ at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Te
   const Schedule schedule = make_schedule(g, tile_elements, thread_elements);
   const at::Tensor wmat = weight.view({weight.size(0), g.cols()});
   const at::Tensor planes = phase_planes(x, g);
+  const at::Tensor masked = masked_attention(attn, tap_mask(g, x.options()), g);
   at::Tensor out = at::empty({g.batch, weight.size(0), g.positions()}, x.options());
   at::Tensor buffers = at::empty({buffer_count(schedule), g.cols() * schedule.max_positions(g)}, x.options());
   at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_forward", [&] {
     for_each_tile(schedule, false, [&](const Tile& tile, int64_t thread) {
       at::Tensor patches = tile_matrix(buffers, thread, g, tile);
-      const auto data = tile_data<scalar_t>(planes, attn, patches, none, none);
-      for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
+      const auto data = tile_data<scalar_t>(planes, masked, patches, none, none);
+      for_each_part(schedule, tile, thread, false,
+                    [&](const Band& part, int64_t) { build_patches(g, tile, part, data); });
       multiply_into_columns(out, wmat, patches, g, tile);
     });
   });
@@ -462,8 +507,14 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   const at::Tensor wmat = weight.view({O, g.cols()});
   const at::Tensor dy = grad_out.view({g.batch, O, g.positions()});
   const at::Tensor planes = phase_planes(x, g);
+  const at::Tensor mask = tap_mask(g, x.options());
+  const at::Tensor masked = masked_attention(attn, mask, g);
   at::Tensor grad_planes = need_input ? at::zeros_like(planes) : at::Tensor();
-  at::Tensor grad_attn = need_attn ? at::empty_like(attn) : at::Tensor();
+  // The attention gradient before the mask; one partial sum per thread when
+  // the parts of the one tile run in parallel (parts of different channels
+  // share attention rows), else one (bands of an image are disjoint).
+  const int64_t attn_partials = schedule.parallel_tiles ? 1 : at::get_num_threads();
+  at::Tensor grad_attn_parts = need_attn ? at::zeros({attn_partials, attn.numel()}, x.options()) : at::Tensor();
   // One weight-gradient partial per thread when tiles run in parallel (each
   // starts at zero); otherwise the one tile writes the gradient.
   at::Tensor grad_w_parts;
@@ -480,14 +531,18 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
       if (need_q) {
         at::Tensor q = tile_matrix(q_buffers, thread, g, tile);
         at::mm_out(q, wmat.t(), tile_dy);
-        const auto data = tile_data<scalar_t>(planes, attn, q, grad_attn, grad_planes);
-        for_each_part(schedule, tile, need_input,
-                      [&](const Band& part) { scatter_patch_grad(g, tile, part, data); });
+        const auto data = tile_data<scalar_t>(planes, masked, q, grad_attn_parts, grad_planes);
+        for_each_part(schedule, tile, thread, need_input, [&](const Band& part, int64_t part_thread) {
+          TileData<scalar_t> part_data = data;
+          if (part_data.grad_attn && attn_partials > 1) part_data.grad_attn += part_thread * attn.numel();
+          scatter_patch_grad(g, tile, part, part_data);
+        });
       }
       if (need_weight) {
         at::Tensor patches = tile_matrix(patch_buffers, thread, g, tile);
-        const auto data = tile_data<scalar_t>(planes, attn, patches, none, none);
-        for_each_part(schedule, tile, false, [&](const Band& part) { build_patches(g, tile, part, data); });
+        const auto data = tile_data<scalar_t>(planes, masked, patches, none, none);
+        for_each_part(schedule, tile, thread, false,
+                      [&](const Band& part, int64_t) { build_patches(g, tile, part, data); });
         at::Tensor part = grad_w_parts.select(0, thread);
         if (schedule.parallel_tiles) {
           part.addmm_(tile_dy, patches.t());
@@ -500,6 +555,13 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   at::Tensor grad_weight;
   if (need_weight) {
     grad_weight = (buffers == 1 ? grad_w_parts.select(0, 0) : grad_w_parts.sum(0)).view(weight.sizes());
+  }
+  at::Tensor grad_attn;
+  if (need_attn) {
+    grad_attn = (attn_partials == 1 ? grad_attn_parts.select(0, 0) : grad_attn_parts.sum(0))
+                    .view({g.batch, g.attn_groups, g.taps(), g.positions()})
+                    .mul_(mask)
+                    .view(attn.sizes());
   }
   at::Tensor grad_x = need_input ? from_phase_planes(grad_planes, g) : at::Tensor();
   return {grad_x, grad_attn, grad_weight};
