@@ -15,19 +15,18 @@ z * a + beta per channel, a = gamma * invstd, so
 
     local = (W1 * a) @ z + W1 @ beta,
 
-and the normalised C-channel map is never built. Backward recomputes the
-centred z once and gets the norm's reductions from the GEMM that gives
-W1's gradient:
+and the normalised C-channel map is never built. The local maps (B, M, P)
+are kept for backward. From their gradient dlocal, the gradient at the
+norm's output is u = W1^T @ dlocal (one batched GEMM); one pass per channel
+(:func:`mmdynconv.ops.depthwise_context_backward`) recomputes z, adds the
+norm's terms through its batch statistics (from sum u * z and sum u) and
+gives the gradients of x and of the depthwise weight, and z, from which
 
-    S = sum_b dlocal_b @ z_b^T (M, C),  sum g = sum dlocal W1,
-    sum g * z = sum_m W1[m] * S[m]   (g: the gradient at the norm's output);
-
-the norm's remaining per-channel terms join the depthwise conv's backward
-pass (:func:`mmdynconv.ops.depthwise_context_backward`).
+    S = sum_b dlocal_b @ z_b^T (M, C),  dW1 = S * a + (sum dlocal) beta^T.
 
 The tail (fusion, fusion norm, ReLU, head, activation) works on M or fewer
-channels and is differentiated by hand from the recomputed local maps and
-the attention itself (which the AIK op keeps anyway).
+channels and is differentiated by hand from the kept local maps and the
+attention itself (which the AIK op keeps anyway).
 """
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -237,14 +236,12 @@ class _Local(NamedTuple):
                              self.centred)
 
 
-def _local(gen: nn.Module, x: Tensor,
-           stats: Optional[_Stats] = None) -> _Local:
-    """The local branch on x (B, C, H, W); the norm's statistics are
-    computed (and its running ones updated) unless given."""
+def _local(gen: nn.Module, x: Tensor) -> _Local:
+    """The local branch on x (B, C, H, W); with batch statistics, the norm's
+    running ones are updated."""
     norm, conv = gen.local_norm, gen.local_conv
-    batch_stats = stats is None and uses_batch_statistics(norm)
-    if stats is None and not batch_stats:
-        stats = _running_statistics(norm)
+    batch_stats = uses_batch_statistics(norm)
+    stats = None if batch_stats else _running_statistics(norm)
     context = depthwise_context(x, conv.weight, conv.stride, conv.padding,
                                 conv.dilation,
                                 None if batch_stats else stats.mean)
@@ -327,15 +324,16 @@ def _activate(gen: nn.Module, logits: Tensor) -> Tensor:
 
 def _forward(gen: nn.Module, x: Tensor):
     """(B, C, H, W) -> A (B, G, K, h, w) contiguous, and for backward the
-    pooled input (B, C; None without a global branch) and the two norms'
-    statistics."""
+    pooled input (B, C; None without a global branch), the local maps
+    (B, M, h*w) and the two norms' statistics."""
     local = _local(gen, x)
     pooled = None if gen.global_proj is None else local.pooled
-    tail = _tail(gen, local.output(), pooled)
+    local_maps = local.output()
+    tail = _tail(gen, local_maps, pooled)
     attn = _activate(gen, _logits(gen, tail.hidden))
     attn = attn.view(x.shape[0], gen.attn_groups, -1,
                      *_local_out_size(gen, x))
-    return attn, pooled, local.stats, tail.stats
+    return attn, pooled, local_maps, local.stats, tail.stats
 
 
 def fused_attention(gen: nn.Module, x: Tensor) -> Tensor:
@@ -403,40 +401,52 @@ def _tail_backward(gen: nn.Module, tail: _Tail, grad_logits: Tensor):
             grad_head.view_as(gen.head.weight), grad_logits.sum((0, 2)))
 
 
-def _local_backward(gen: nn.Module, local: _Local, grad_out: Tensor):
-    """Backward of local = local_proj(local_norm(z)) from its gradient
-    (B, M, P); overwrites local.centred.
+def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
+                    grad_local: Tensor, grad_pooled: Optional[Tensor],
+                    needs: List[bool]):
+    """Backward of local = local_proj(local_norm(local_conv(x))) from its
+    gradient (B, M, P), and of the pooled input from grad_pooled (B, C; None
+    without a global branch).
 
     Returns:
-        The gradient at z up to the norm's per-channel terms, (B, C, P);
-        those terms (e, f) (C,; None with running statistics, see
-        :func:`_norm_backward`); the gradients of the norm's weight and bias
-        (C,; None without affine) and of local_proj's weight.
+        The gradients of x and of local_conv's weight (None where ``needs``
+        says not needed), of the norm's weight and bias (None without
+        affine) and of local_proj's weight.
     """
-    cross = torch.bmm(grad_out, local.centred.transpose(1, 2)).sum(0)
-    grad_sum = grad_out.sum((0, 2))  # (M,)
-    grad_proj = cross * local.scale
-    if local.bias is not None:
-        grad_proj += torch.outer(grad_sum, local.bias)
-    grad_gamma, grad_beta, e, f = _norm_backward(
-        gen.local_norm, local.stats, local.scale,
-        local.centred.numel() // local.centred.shape[1],
-        grad_sum @ local.weight, (cross * local.weight).sum(0))
-    folded = (local.weight * local.scale).t()
-    # into z's buffer: the depthwise backward recomputes z where it needs it
-    grad_z = torch.bmm(folded.expand(grad_out.shape[0], -1, -1),
-                       grad_out,
-                       out=local.centred)
-    return (grad_z, e, f, grad_gamma, grad_beta,
+    norm, conv = gen.local_norm, gen.local_conv
+    scale = _scale(norm, stats)
+    weight = gen.local_proj.weight.flatten(1)
+    batch, _, positions = grad_local.shape
+    count = batch * positions
+    grad_norm = torch.bmm(weight.t().expand(batch, -1, -1), grad_local)
+    stat = None
+    if uses_batch_statistics(norm):
+        # e and f of _norm_backward per unit of sum g * z and of sum g
+        stat = torch.stack([scale * stats.invstd.square(), scale],
+                           1).div_(-count)
+    grad_x, grad_dw, centred = depthwise_context_backward(
+        grad_norm.view(*x.shape[:2], *_local_out_size(gen, x)), x,
+        conv.weight, conv.stride, conv.padding, conv.dilation, stats.mean,
+        scale, stat, grad_pooled, needs)
+    cross = torch.bmm(grad_local, centred.view(batch, -1,
+                                               positions).transpose(1,
+                                                                    2)).sum(0)
+    grad_sum = grad_local.sum((0, 2))  # (M,)
+    grad_proj = cross * scale
+    if norm.bias is not None:
+        grad_proj += torch.outer(grad_sum, norm.bias)
+    grad_gamma, grad_beta, _, _ = _norm_backward(norm, stats, scale, count,
+                                                 grad_sum @ weight,
+                                                 (cross * weight).sum(0))
+    return (grad_x, grad_dw, grad_gamma, grad_beta,
             grad_proj.view_as(gen.local_proj.weight))
 
 
 def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
-              pooled: Optional[Tensor], local_stats: _Stats,
-              fuse_stats: _Stats, needs: List[bool]):
+              pooled: Optional[Tensor], local_maps: Tensor,
+              local_stats: _Stats, fuse_stats: _Stats, needs: List[bool]):
     """Gradients of x and of :func:`fused_params`, in that order."""
-    local = _local(gen, x, local_stats)
-    tail = _tail(gen, local.output(), pooled, fuse_stats)
+    tail = _tail(gen, local_maps, pooled, fuse_stats)
     grad_logits = _activation_backward(gen, _flat(attn), _flat(grad_attn))
     (grad_local, grad_glob, grad_fuse_w, grad_fuse_b, grad_head,
      grad_head_b) = _tail_backward(gen, tail, grad_logits)
@@ -444,21 +454,14 @@ def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
     if grad_glob is not None:
         grad_global = (grad_glob.t() @ pooled).view_as(gen.global_proj.weight)
         grad_pooled = grad_glob @ gen.global_proj.weight.flatten(1)
-    grad_z, e, f, grad_local_w, grad_local_b, grad_proj = _local_backward(
-        gen, local, grad_local)
-    conv = gen.local_conv
-    maps = (*x.shape[:2], *_local_out_size(gen, x))
-    grad_x, grad_dw = depthwise_context_backward(
-        grad_z.view(maps), x, conv.weight, conv.stride, conv.padding,
-        conv.dilation, grad_pooled,
-        None if e is None else (local.stats.mean, e, f), needs[:2])
-    return (grad_x, grad_dw, grad_local_w, grad_local_b, grad_proj,
-            grad_global, grad_fuse_w, grad_fuse_b, grad_head, grad_head_b)
+    return (*_local_backward(gen, x, local_stats, grad_local, grad_pooled,
+                             needs[:2]), grad_global, grad_fuse_w,
+            grad_fuse_b, grad_head, grad_head_b)
 
 
 class FusedAttention(torch.autograd.Function):
     """A = the attention map of x, differentiated without keeping any map
-    larger than (B, C) but A itself (which the AIK op keeps anyway).
+    of more than M channels but A itself (which the AIK op keeps anyway).
 
     ``apply(gen, x, *fused_params(gen))``: the parameters are passed so that
     their gradients flow through this function; backward reads them from gen
@@ -467,16 +470,17 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gen, x, *params):
-        attn, pooled, local_stats, fuse_stats = _forward(gen, x)
+        attn, pooled, local_maps, local_stats, fuse_stats = _forward(gen, x)
         ctx.gen = gen
-        ctx.save_for_backward(x, attn, pooled, *local_stats, *fuse_stats)
+        ctx.save_for_backward(x, attn, pooled, local_maps, *local_stats,
+                              *fuse_stats)
         return attn
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_attn):
-        x, attn, pooled, *stats = ctx.saved_tensors
+        x, attn, pooled, local_maps, *stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
-        grads = _backward(ctx.gen, x, attn, grad_attn, pooled,
+        grads = _backward(ctx.gen, x, attn, grad_attn, pooled, local_maps,
                           _Stats(*stats[:2]), _Stats(*stats[2:]), needs)
         return (None, *(g if need else None for g, need in zip(grads, needs)))

@@ -1,6 +1,7 @@
 """The full-resolution part of the AIK attention generator: a depthwise conv
 centred per channel, its batch statistics and the input's spatial mean, in
-one pass over x; and its backward.
+one pass over x; and its backward through the norm that follows it, which
+recomputes the conv, in one pass.
 
 On CPU in float32/float64 the compiled extension ``_depthwise_cpu``
 (``csrc/depthwise_context_cpu.cpp``) does each direction in one pass over
@@ -61,29 +62,43 @@ def depthwise_context(x: Tensor,
 
 
 def depthwise_context_backward(
-        grad_z: Tensor, x: Tensor, weight: Tensor, stride: Pair,
-        padding: Pair, dilation: Pair, grad_pooled: Optional[Tensor],
-        affine: Optional[Tuple[Tensor, Tensor, Tensor]],
+        grad_norm: Tensor, x: Tensor, weight: Tensor, stride: Pair,
+        padding: Pair, dilation: Pair, mean: Tensor, scale: Tensor,
+        stat: Optional[Tensor], grad_pooled: Optional[Tensor],
         needs: Tuple[bool, bool]) -> List[Optional[Tensor]]:
-    """Gradients of x (B, C, H, W) and weight from that of the conv's output,
-    g = grad_z + e * z + f per channel with z = conv(x) - mean, for
-    affine = (mean, e, f) (all (C,); z is recomputed), or grad_z alone
-    (affine None); grad_pooled (B, C) or None adds the spatial mean's
-    gradient to x's. needs: (x's, weight's); None where not needed."""
+    """The backward of n = z * scale + bias, z = the depthwise conv of x
+    (B, C, H, W) by weight (C, 1, kh, kw) minus mean (mean, scale: (C,)),
+    from u = grad_norm (B, C, H_out, W_out), the gradient at n.
+
+    z is recomputed, and the gradient at the conv's output is, per channel,
+
+        g = scale[c] * u + stat[c, 0] * <u, z>_c * z + stat[c, 1] * sum_c(u)
+
+    (sums over the batch and positions; stat (C, 2) or None: a batch norm's
+    terms through its batch statistics). grad_pooled (B, C) or None adds the
+    pooled mean's gradient to x's.
+
+    Returns:
+        [grad_x, grad_weight] (None where needs says not needed) and z
+        (B, C, H_out, W_out).
+    """
     if compiled(x):
-        mean, e, f = affine if affine is not None else (None, None, None)
         return _depthwise_cpu.backward(
-            grad_z.contiguous(), x.contiguous(), weight.contiguous(), stride,
-            padding, dilation,
+            grad_norm.contiguous(), x.contiguous(), weight.contiguous(),
+            stride, padding, dilation, mean.contiguous(), scale.contiguous(),
+            stat if stat is None else stat.contiguous(),
             grad_pooled if grad_pooled is None else grad_pooled.contiguous(),
-            mean, e, f, *needs)
-    if affine is not None:
-        mean, e, f = affine
-        z = F.conv2d(x, weight, -mean, stride, padding, dilation, x.shape[1])
-        grad_z = torch.addcmul(grad_z + f[:, None, None], z, e[:, None, None])
+            *needs)
+    z = F.conv2d(x, weight, -mean, stride, padding, dilation, x.shape[1])
+    grad_z = grad_norm * scale[:, None, None]
+    if stat is not None:
+        zu = (grad_norm * z).sum((0, 2, 3))
+        u_sum = grad_norm.sum((0, 2, 3))
+        grad_z += torch.addcmul((stat[:, 1] * u_sum)[:, None, None], z,
+                                (stat[:, 0] * zu)[:, None, None])
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_z, x, weight, None, stride, padding, dilation, False, [0, 0],
         x.shape[1], [needs[0], needs[1], False])
     if needs[0] and grad_pooled is not None:
         grad_x = grad_x + (grad_pooled / x[0, 0].numel())[:, :, None, None]
-    return [grad_x, grad_weight]
+    return [grad_x, grad_weight, z]

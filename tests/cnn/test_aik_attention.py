@@ -316,17 +316,18 @@ def saved_storages(forward):
     return storages
 
 
-def test_generator_keeps_x_the_attention_and_vectors():
+def test_generator_keeps_x_the_attention_the_local_maps_and_vectors():
     gen = make_generator(channels=32).float()
     x = torch.randn(2, 32, 20, 20, requires_grad=True)
     outputs = []
     storages = saved_storages(lambda: outputs.append(gen(x, (20, 20))))
     attn = outputs[0]
-    large = {ptr for ptr, (_, numel) in storages.items() if numel > 2 * 32}
-    assert large == {
-        x.untyped_storage().data_ptr(),
-        attn.untyped_storage().data_ptr()
-    }
+    large = {ptr: numel for ptr, (_, numel) in storages.items()
+             if numel > 2 * 32}
+    assert large.pop(x.untyped_storage().data_ptr()) == x.numel()
+    assert large.pop(attn.untyped_storage().data_ptr()) == attn.numel()
+    # the local maps, (B, M, P), and nothing else of full resolution
+    assert list(large.values()) == [2 * gen.local_proj.out_channels * 400]
 
 
 def test_layer_keeps_at_most_one_and_a_half_times_a_convolution():

@@ -187,7 +187,7 @@ def test_recomputed_generator_gives_exact_gradients_and_counts_once():
         torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
-def test_generator_keeps_only_the_attention_for_backward():
+def test_generator_keeps_the_attention_and_its_local_maps_for_backward():
     layer = AIKConv2d(64, 64, 3, padding=1, bias=False)
     x = torch.randn(2, 64, 16, 16, requires_grad=True)
     storages = {}
@@ -199,5 +199,7 @@ def test_generator_keeps_only_the_attention_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
     attn_bytes = 2 * 9 * 16 * 16 * 4
+    local_maps_bytes = 2 * 8 * 16 * 16 * 4  # M = 8 channels
     small = 64 * 64 * 9 * 4 + 2 * 64 * 4 * 4  # weight; pooled vectors etc.
-    assert sum(storages.values()) <= x.numel() * 4 + attn_bytes + small
+    assert sum(storages.values()) <= (x.numel() * 4 + attn_bytes +
+                                      local_maps_bytes + small)

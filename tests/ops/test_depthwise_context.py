@@ -66,40 +66,44 @@ def test_forward_and_backward_match_autograd(depthwise_path, size, kernel,
     else:
         assert out.var is None
 
-    # the backward treats z's centring as constant: e, f carry the norm's
-    # terms, so the reference differentiates the uncentred conv
-    grad_z = torch.randn_like(centred)
+    # the backward takes z's centring as constant (stat carries a norm's
+    # terms through its statistics), so the reference differentiates the
+    # uncentred conv with the gradient written out
+    u = torch.randn_like(centred)
     grad_pooled = torch.randn_like(pooled)
-    e, f = torch.randn(5, dtype=DTYPE), torch.randn(5, dtype=DTYPE)
-    fixed_mean = mean_ref.detach()
-    g = (grad_z + e[:, None, None] * (z.detach() - fixed_mean[:, None, None])
-         + f[:, None, None])
+    scale, stat = torch.randn(5, dtype=DTYPE), torch.randn(5, 2, dtype=DTYPE)
+    fixed = z.detach() - mean_ref.detach()[:, None, None]
+    g = (scale[:, None, None] * u +
+         (stat[:, 0] * (u * fixed).sum((0, 2, 3)))[:, None, None] * fixed +
+         (stat[:, 1] * u.sum((0, 2, 3)))[:, None, None])
     torch.autograd.backward([z, pooled], [g, grad_pooled])
-    grad_x, grad_w = dc.depthwise_context_backward(grad_z, x, weight, *geo,
-                                                   grad_pooled,
-                                                   (fixed_mean, e, f),
-                                                   (True, True))
+    grad_x, grad_w, recomputed = dc.depthwise_context_backward(
+        u, x, weight, *geo, mean_ref.detach(), scale, stat, grad_pooled,
+        (True, True))
     torch.testing.assert_close(grad_x, x_ref.grad, **TOL)
     torch.testing.assert_close(grad_w, w_ref.grad, **TOL)
+    torch.testing.assert_close(recomputed, fixed, **TOL)
 
 
 @pytest.mark.parametrize('needs', [(True, False), (False, True)])
-def test_backward_without_affine_terms_or_pooled_gradient(
+def test_backward_without_statistics_terms_or_pooled_gradient(
         depthwise_path, needs):
     geo = (2, 2), (1, 1), (1, 1)
     x, weight = inputs((9, 8), (3, 3))
     x_ref = x.clone().requires_grad_()
     w_ref = weight.clone().requires_grad_()
     z = F.conv2d(x_ref, w_ref, None, *geo, groups=5)
-    grad_z = torch.randn_like(z)
-    z.backward(grad_z)
-    grads = dc.depthwise_context_backward(grad_z, x, weight, *geo, None,
-                                          None, needs)
+    u, scale = torch.randn_like(z), torch.randn(5, dtype=DTYPE)
+    z.backward(scale[:, None, None] * u)
+    *grads, recomputed = dc.depthwise_context_backward(
+        u, x, weight, *geo, torch.zeros(5, dtype=DTYPE), scale, None, None,
+        needs)
     for grad, need, expected in zip(grads, needs, (x_ref.grad, w_ref.grad)):
         if need:
             torch.testing.assert_close(grad, expected, **TOL)
         else:
             assert grad is None
+    torch.testing.assert_close(recomputed, z.detach(), **TOL)
 
 
 def test_float32_and_non_contiguous_input(depthwise_path):
@@ -120,9 +124,15 @@ def test_compiled_path_rejects_mismatched_shapes():
     x, weight = inputs((6, 6), (3, 3))
     with pytest.raises(RuntimeError, match='weight must be'):
         dc.depthwise_context(x, weight[:4], *geo)
-    with pytest.raises(RuntimeError, match='grad_z must be'):
-        dc.depthwise_context_backward(torch.zeros(3, 5, 5, 6,
-                                                  dtype=DTYPE), x, weight,
-                                      *geo, None, None, (True, True))
+    vector = torch.zeros(5, dtype=DTYPE)
+    with pytest.raises(RuntimeError, match='u must be'):
+        dc.depthwise_context_backward(torch.zeros(3, 5, 5, 6, dtype=DTYPE),
+                                      x, weight, *geo, vector, vector, None,
+                                      None, (True, True))
+    with pytest.raises(RuntimeError, match='stat must be'):
+        dc.depthwise_context_backward(torch.zeros(3, 5, 6, 6, dtype=DTYPE),
+                                      x, weight, *geo, vector, vector,
+                                      torch.zeros(5, 3, dtype=DTYPE), None,
+                                      (True, True))
     with pytest.raises(RuntimeError, match='mean must be'):
         dc.depthwise_context(x, weight, *geo, torch.zeros(4, dtype=DTYPE))

@@ -284,17 +284,22 @@ std::pair<int64_t, int64_t> inside_columns(const Geometry& g, int64_t dj) {
 // (K, H_out*W_out): 1 where tap t of output position r reads inside its
 // phase plane, 0 where it falls in the padding.
 at::Tensor tap_mask(const Geometry& g, const at::TensorOptions& options) {
-  at::Tensor mask = at::zeros({g.taps(), g.out_h, g.out_w}, options);
+  at::Tensor mask = at::empty({g.taps(), g.positions()}, options.dtype(at::kFloat));
+  float* m = mask.data_ptr<float>();
   const Band image{0, 0, g.out_h, 0, 0, g.channels};
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
       const TapShift shift = tap_shift(g, i, j);
       const auto [first, last] = inside_rows(g, image, shift.di);
       const auto [lo, hi] = inside_columns(g, shift.dj);
-      mask.select(0, i * g.kw + j).narrow(0, first, last - first).narrow(1, lo, hi - lo).fill_(1);
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          *m++ = oh >= first && oh < last && ow >= lo && ow < hi;
+        }
+      }
     }
   }
-  return mask.view({g.taps(), g.positions()});
+  return mask.to(options.dtype());
 }
 
 // With plane_w == W_out, output position k = oh*W_out + ow of a tap reads

@@ -4,11 +4,12 @@
 //   forward:  z = depthwise_conv(x) centred per channel (by its batch mean,
 //             or by a given mean), the batch mean and biased variance of z
 //             per channel, and the spatial mean of x per (sample, channel);
-//   backward: with g = grad_z + e[c] * z + f[c] (e, f: a batch norm's
-//             backward terms; optional; z recomputed from x, which the
-//             weight gradient reads anyway), the gradients of x (plus the
-//             share of the pooled mean's gradient) and of the depthwise
-//             weight.
+//   backward: from the gradient u at z * scale + bias (a norm's output),
+//             in one pass per channel: z recomputed from x (which the
+//             weight gradient reads anyway) and returned, the gradient at
+//             the conv's output (with a batch norm's terms through its
+//             batch statistics), and the gradients of x (plus the share of
+//             the pooled mean's gradient) and of the depthwise weight.
 //
 // Each channel's planes are independent, so threads take channels; within a
 // channel the B planes of z stay in cache from the conv to its statistics.
@@ -187,6 +188,14 @@ void check_vector(const at::Tensor& t, const Geometry& g, const char* name) {
 }
 
 template <typename T>
+double dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+template <typename T>
 double plane_sum(const T* p, int64_t n) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
@@ -265,13 +274,13 @@ void add_phases(const Geometry& g, const T* dq, T* dx) {
   });
 }
 
-// Per-thread scratch: phase planes, their gradient, and two output planes
-// in rows of phase_w: `rows` (the conv's output, or its gradient), led by
+// Per-thread scratch: phase planes, their gradient, and an output plane in
+// rows of phase_w, `rows` (the conv's output, or its gradient), led by
 // `lead` zeros (and zero past the run) so that the input-gradient sum reads
-// it at negative offsets, and `conv_rows` (z recomputed in backward).
+// it at negative offsets.
 template <typename T>
 struct Scratch {
-  std::vector<T> phases, grad_phases, padded_rows, conv_rows;
+  std::vector<T> phases, grad_phases, padded_rows;
   T* rows;
   std::vector<std::vector<T>> phase_weights;  // per phase plane: its taps' weights
   std::vector<typename Vec<T>::type> tap_sums;  // per tap: tap_dots' accumulator
@@ -280,7 +289,6 @@ struct Scratch {
       : phases(g.phases_size()),
         grad_phases(grad ? g.phases_size() : 0),
         padded_rows(taps.lead + g.phase_size(), T(0)),
-        conv_rows(g.run()),
         rows(padded_rows.data() + taps.lead),
         phase_weights(taps.tap_index.size()),
         tap_sums(taps.offsets.size()) {}
@@ -301,27 +309,16 @@ void conv_plane(const Geometry& g, const Taps& taps, const T* x, const T* w, T i
   for (int64_t i = 0; i < g.out_h; ++i) std::copy_n(s.rows + i * g.phase_w, g.out_w, z + i * g.out_w);
 }
 
-// The gradient at one output plane into s.rows (rows of phase_w, zero in
-// the scratch columns): grad_z, plus e * z + f where affine (e non-null;
-// z = conv(x) - mean, recomputed from the phase planes in s.phases).
+// The gradient at one output plane, scale * u + e * z + f (u, z: compact
+// planes), into s.rows (rows of phase_w, zero in the scratch columns).
 template <typename T>
-void gradient_rows(const Geometry& g, const Taps& taps, const T* grad_z, const T* w, const T* affine,
-                   Scratch<T>& s) {
-  if (affine) {
-    const T mean = affine[0], e = affine[1], f = affine[2];
-    weighted_sum(s.phases.data(), taps.offsets, w, -mean, s.conv_rows.data(), g.run());
-    for (int64_t i = 0; i < g.out_h; ++i) {
-      const T* gp = grad_z + i * g.out_w;
-      const T* zp = s.conv_rows.data() + i * g.phase_w;
-      T* row = s.rows + i * g.phase_w;
-      for (int64_t j = 0; j < g.out_w; ++j) row[j] = gp[j] + e * zp[j] + f;
-      std::fill(row + g.out_w, row + g.phase_w, T(0));
-    }
-    return;
-  }
+void gradient_rows(const Geometry& g, const T* u, const T* z, T scale, T e, T f, Scratch<T>& s) {
   for (int64_t i = 0; i < g.out_h; ++i) {
+    const T* up = u + i * g.out_w;
+    const T* zp = z + i * g.out_w;
     T* row = s.rows + i * g.phase_w;
-    std::copy_n(grad_z + i * g.out_w, g.out_w, row);
+#pragma omp simd
+    for (int64_t j = 0; j < g.out_w; ++j) row[j] = scale * up[j] + e * zp[j] + f;
     std::fill(row + g.out_w, row + g.phase_w, T(0));
   }
 }
@@ -394,61 +391,74 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
   return {z, out_mean, var, pooled};
 }
 
-// Gradients from grad_z (B, C, H_out, W_out): the gradient at z is
-// g = grad_z + e[c] * z + f[c] with z = conv(x) - mean[c] when mean, e and
-// f (C,) are given, else grad_z; grad_pooled (B, C) or None is the pooled
-// mean's gradient. -> [grad_x (B, C, H, W), grad_weight (C, 1, kh, kw)],
-// undefined where not needed.
-std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, const at::Tensor& x,
+// The backward of n = z * scale + bias, z = conv(x) - mean (mean, scale:
+// (C,)), from u (B, C, H_out, W_out), the gradient at n. Per channel c, the
+// gradient at the conv's output is
+//   g = scale[c] * u + stat[c][0] * <u, z> * z + stat[c][1] * sum(u)
+// (<.,.> and sum over the batch and positions; stat (C, 2) or None: the
+// terms of a batch norm through its batch statistics). grad_pooled (B, C)
+// or None is the pooled mean's gradient, added to x's.
+// -> [grad_x (B, C, H, W), grad_weight (C, 1, kh, kw), undefined where not
+// needed, and z (B, C, H_out, W_out)].
+std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& u, const at::Tensor& x,
                                                    const at::Tensor& weight, at::IntArrayRef stride,
                                                    at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                   const std::optional<at::Tensor>& pooled_grad,
-                                                   const std::optional<at::Tensor>& mean_terms,
-                                                   const std::optional<at::Tensor>& e_terms,
-                                                   const std::optional<at::Tensor>& f_terms, bool need_input,
+                                                   const at::Tensor& mean, const at::Tensor& scale,
+                                                   const std::optional<at::Tensor>& stat_terms,
+                                                   const std::optional<at::Tensor>& pooled_grad, bool need_input,
                                                    bool need_weight) {
-  const at::Tensor grad_pooled = pooled_grad.value_or(at::Tensor()), mean = mean_terms.value_or(at::Tensor());
-  const at::Tensor e = e_terms.value_or(at::Tensor()), f = f_terms.value_or(at::Tensor());
+  const at::Tensor grad_pooled = pooled_grad.value_or(at::Tensor()), stat = stat_terms.value_or(at::Tensor());
   const Geometry g = make_geometry(x, weight, stride, padding, dilation);
   const Taps taps(g);
+  const int64_t P = g.out_plane();
   const std::vector<int64_t> out_sizes{g.batch, g.channels, g.out_h, g.out_w};
-  TORCH_CHECK(grad_z.is_contiguous() && grad_z.sizes() == at::IntArrayRef(out_sizes),
-              "grad_z must be a contiguous (B, C, H_out, W_out) tensor, got ", grad_z.sizes());
-  const bool affine_terms = e.defined();
-  TORCH_CHECK(affine_terms == f.defined() && affine_terms == mean.defined(), "give mean, e and f together");
+  TORCH_CHECK(u.is_contiguous() && u.sizes() == at::IntArrayRef(out_sizes),
+              "u must be a contiguous (B, C, H_out, W_out) tensor, got ", u.sizes());
+  TORCH_CHECK(!stat.defined() || (stat.is_contiguous() && stat.sizes() == at::IntArrayRef({g.channels, 2})),
+              "stat must be a contiguous (C, 2) tensor");
   TORCH_CHECK(!grad_pooled.defined() ||
                   (grad_pooled.is_contiguous() && grad_pooled.sizes() == at::IntArrayRef({g.batch, g.channels})),
               "grad_pooled must be a contiguous (B, C) tensor");
+  for (const at::Tensor& t : {u, stat, grad_pooled}) {
+    TORCH_CHECK(!t.defined() || t.scalar_type() == x.scalar_type(), "all tensors must have x's dtype");
+  }
   at::Tensor grad_x = need_input ? at::empty_like(x) : at::Tensor();
   at::Tensor grad_weight = need_weight ? at::empty_like(weight) : at::Tensor();
+  at::Tensor z = at::empty_like(u);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_context_backward", [&] {
     using T = scalar_t;
-    if (affine_terms) {
-      check_vector<T>(mean, g, "mean");
-      check_vector<T>(e, g, "e");
-      check_vector<T>(f, g, "f");
-    }
+    check_vector<T>(mean, g, "mean");
+    check_vector<T>(scale, g, "scale");
     const T* xd = x.data_ptr<T>();
     const T* wd = weight.data_ptr<T>();
-    const T* gd = grad_z.data_ptr<T>();
-    const T* md = affine_terms ? mean.data_ptr<T>() : nullptr;
-    const T* ed = affine_terms ? e.data_ptr<T>() : nullptr;
-    const T* fd = affine_terms ? f.data_ptr<T>() : nullptr;
+    const T* ud = u.data_ptr<T>();
+    const T* md = mean.data_ptr<T>();
+    const T* sd = scale.data_ptr<T>();
+    const T* std_ = stat.defined() ? stat.data_ptr<T>() : nullptr;
     const T* pgd = grad_pooled.defined() ? grad_pooled.data_ptr<T>() : nullptr;
     T* dxd = need_input ? grad_x.data_ptr<T>() : nullptr;
     T* dwd = need_weight ? grad_weight.data_ptr<T>() : nullptr;
+    T* zd = z.data_ptr<T>();
     at::parallel_for(0, g.channels, channel_grain(g), [&](int64_t c0, int64_t c1) {
       Scratch<T> scratch(g, taps, need_input);
       std::vector<double> grad_w(g.taps());
       for (int64_t c = c0; c < c1; ++c) {
-        std::fill(grad_w.begin(), grad_w.end(), 0.0);
-        scratch.set_weights(taps, wd + c * g.taps());
-        const T affine[3] = {affine_terms ? md[c] : T(0), affine_terms ? ed[c] : T(0),
-                             affine_terms ? fd[c] : T(0)};
+        const T* w = wd + c * g.taps();
+        double zu = 0, u_sum = 0;
         for (int64_t b = 0; b < g.batch; ++b) {
-          const int64_t out_at = (b * g.channels + c) * g.out_plane(), in_at = (b * g.channels + c) * g.plane();
-          if (need_weight || affine_terms) build_phases(g, xd + in_at, scratch.phases.data());
-          gradient_rows(g, taps, gd + out_at, wd + c * g.taps(), affine_terms ? affine : nullptr, scratch);
+          const int64_t out_at = (b * g.channels + c) * P;
+          conv_plane(g, taps, xd + (b * g.channels + c) * g.plane(), w, -md[c], scratch, zd + out_at);
+          zu += dot(ud + out_at, zd + out_at, P);
+          u_sum += plane_sum(ud + out_at, P);
+        }
+        const T e = std_ ? static_cast<T>(std_[2 * c] * zu) : T(0);
+        const T f = std_ ? static_cast<T>(std_[2 * c + 1] * u_sum) : T(0);
+        std::fill(grad_w.begin(), grad_w.end(), 0.0);
+        scratch.set_weights(taps, w);
+        for (int64_t b = 0; b < g.batch; ++b) {
+          const int64_t out_at = (b * g.channels + c) * P, in_at = (b * g.channels + c) * g.plane();
+          if (need_weight) build_phases(g, xd + in_at, scratch.phases.data());
+          gradient_rows(g, ud + out_at, zd + out_at, sd[c], e, f, scratch);
           T* dx = nullptr;
           if (need_input) {
             dx = dxd + in_at;
@@ -462,11 +472,11 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_z, con
       }
     });
   });
-  return {grad_x, grad_weight};
+  return {grad_x, grad_weight, z};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The AIK attention generator's depthwise conv, batch statistics and pooled mean on CPU";
   m.def("forward", &depthwise_context_forward, "depthwise conv, its batch statistics and the pooled mean");
-  m.def("backward", &depthwise_context_backward, "gradients of x and of the depthwise weight");
+  m.def("backward", &depthwise_context_backward, "gradients of x and of the depthwise weight through a norm; z");
 }
