@@ -4,10 +4,11 @@ The output positions of each image are cut into tiles of whole output rows;
 per tile the attention-modulated patch matrix (C*K x positions) is built in a
 buffer and contracted with the weight by one GEMM that writes the tile's
 part of the output in place. Backward, per tile: one GEMM gives the patch
-gradient, one fused pass turns it into the attention and input gradients,
-and the rebuilt patches feed one GEMM into the weight gradient. Thin layers
-with large maps run small cache-resident tiles in parallel; wide layers with
-small maps run the whole batch as one tile with every GEMM on all threads.
+gradient, one fused pass turns it into the attention and input gradients and
+rebuilds the patches, which feed one GEMM into the weight gradient. Thin
+layers with large maps run small cache-resident tiles in parallel; wide
+layers with small maps run the whole batch as one tile with every GEMM on all
+threads.
 Strided convolutions read the input through its stride phases. Autograd
 keeps only (input, attn, weight), as in the torch path.
 

@@ -10,8 +10,8 @@
 // K-times-larger tensor of the whole batch is kept, and the weight is used as
 // it lies. Backward, per tile: one GEMM gives the patch gradient
 // Q = w^T dy (C*K x R); one fused pass turns it into the attention gradient
-// and the input gradient; the rebuilt P feeds one GEMM, dy P^T, into the
-// weight gradient.
+// and the input gradient and rebuilds P, which feeds one GEMM, dy P^T, into
+// the weight gradient.
 //
 // Two schedules:
 // * many small tiles (thin layers with large maps): bands of one image,
@@ -225,6 +225,7 @@ struct TileData {
   scalar_t* matrix;      // P (written) or Q (read)
   scalar_t* grad_attn;   // before the mask: a thread's partial sum, see aik_backward
   scalar_t* grad_x;
+  scalar_t* patches;     // P, written by the pass that reads Q (optional)
 };
 
 // One (channel, tap) row of a part (a band of image b): where it sits in the
@@ -328,45 +329,53 @@ void zero_side_columns(const Geometry& g, int64_t dj, int64_t first, int64_t las
   }
 }
 
+// One (channel, tap) row of the part in P (the matrix at m):
 // P[c*K + t, r] = attn[a(c), t, r] * x[c, window(r, t)], zero in the padding.
 template <typename scalar_t>
-void build_patches(const Geometry& g, const Tile& tile, const Band& part, const TileData<scalar_t>& d) {
+void build_row(const Geometry& g, const Band& part, const TapRow& row, const TileData<scalar_t>& d,
+               scalar_t* matrix) {
   const int64_t part_begin = part.oh0 * g.out_w, part_end = part.oh1 * g.out_w;
-  for_each_tap_row(g, tile, part, [&](const TapRow& row) {
-    // m, a, src: indexed by output position (oh, ow) -> oh*W_out + ow of the image
-    scalar_t* m = d.matrix + row.matrix_offset - part_begin;
-    const scalar_t* a = d.attn + row.attn_offset;
-    const scalar_t* src = d.x + row.x_offset;
-    if (flat_runs(g)) {
-      const auto [begin, end] = flat_run(g, row, part);
-      std::fill(m + part_begin, m + begin, scalar_t(0));
+  // m, a, src: indexed by output position (oh, ow) -> oh*W_out + ow of the image
+  scalar_t* m = matrix + row.matrix_offset - part_begin;
+  const scalar_t* a = d.attn + row.attn_offset;
+  const scalar_t* src = d.x + row.x_offset;
+  if (flat_runs(g)) {
+    const auto [begin, end] = flat_run(g, row, part);
+    std::fill(m + part_begin, m + begin, scalar_t(0));
 #pragma omp simd
-      for (int64_t k = begin; k < end; ++k) m[k] = a[k] * src[k];
-      std::fill(m + end, m + part_end, scalar_t(0));
-      return;
-    }
-    const auto [first, last] = inside_rows(g, part, row.di);
-    std::fill(m + part_begin, m + first * g.out_w, scalar_t(0));
-    std::fill(m + last * g.out_w, m + part_end, scalar_t(0));
-    const auto [lo, hi] = inside_columns(g, row.dj);
-    zero_side_columns(g, row.dj, first, last, m);
-    for (int64_t oh = first; oh < last; ++oh) {
-      scalar_t* m_row = m + oh * g.out_w;
-      const scalar_t* a_row = a + oh * g.out_w;
-      const scalar_t* src_row = src + oh * g.plane_w;
+    for (int64_t k = begin; k < end; ++k) m[k] = a[k] * src[k];
+    std::fill(m + end, m + part_end, scalar_t(0));
+    return;
+  }
+  const auto [first, last] = inside_rows(g, part, row.di);
+  std::fill(m + part_begin, m + first * g.out_w, scalar_t(0));
+  std::fill(m + last * g.out_w, m + part_end, scalar_t(0));
+  const auto [lo, hi] = inside_columns(g, row.dj);
+  zero_side_columns(g, row.dj, first, last, m);
+  for (int64_t oh = first; oh < last; ++oh) {
+    scalar_t* m_row = m + oh * g.out_w;
+    const scalar_t* a_row = a + oh * g.out_w;
+    const scalar_t* src_row = src + oh * g.plane_w;
 #pragma omp simd
-      for (int64_t ow = lo; ow < hi; ++ow) m_row[ow] = a_row[ow] * src_row[ow];
-    }
-  });
+    for (int64_t ow = lo; ow < hi; ++ow) m_row[ow] = a_row[ow] * src_row[ow];
+  }
+}
+
+// The part's rows of P into d.matrix.
+template <typename scalar_t>
+void build_patches(const Geometry& g, const Tile& tile, const Band& part, const TileData<scalar_t>& d) {
+  for_each_tap_row(g, tile, part, [&](const TapRow& row) { build_row(g, part, row, d, d.matrix); });
 }
 
 // From Q[c*K + t, r] = sum_o w[o, c, t] * dy[o, r]:
 // grad_attn[a, t, r] += sum_{c in a} Q * x[c, window(r, t)] (before the tap mask);
-// grad_x[c, window(r, t)] += attn[a(c), t, r] * Q.
+// grad_x[c, window(r, t)] += attn[a(c), t, r] * Q;
+// and the part's rows of P into d.patches when given (one pass for both).
 template <typename scalar_t>
 void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
                         const TileData<scalar_t>& d) {
   for_each_tap_row(g, tile, part, [&](const TapRow& row) {
+    if (d.patches) build_row(g, part, row, d, d.patches);
     const scalar_t* q = d.matrix + row.matrix_offset - part.oh0 * g.out_w;
     const scalar_t* a = d.attn + row.attn_offset;
     const scalar_t* src = d.x + row.x_offset;
@@ -432,10 +441,13 @@ int64_t buffer_count(const Schedule& schedule) {
 
 template <typename scalar_t>
 TileData<scalar_t> tile_data(const at::Tensor& x, const at::Tensor& attn, at::Tensor& matrix,
-                             at::Tensor& grad_attn, at::Tensor& grad_x) {
-  return {x.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), matrix.data_ptr<scalar_t>(),
+                             at::Tensor& grad_attn, at::Tensor& grad_x, at::Tensor& patches) {
+  return {x.data_ptr<scalar_t>(),
+          attn.data_ptr<scalar_t>(),
+          matrix.data_ptr<scalar_t>(),
           grad_attn.defined() ? grad_attn.data_ptr<scalar_t>() : nullptr,
-          grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr};
+          grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr,
+          patches.defined() ? patches.data_ptr<scalar_t>() : nullptr};
 }
 
 // attn (B, G, K, H_out, W_out) times the tap mask (K, H_out*W_out), as (B, G, K, H_out*W_out).
@@ -485,7 +497,7 @@ at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Te
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_forward", [&] {
     for_each_tile(schedule, false, [&](const Tile& tile, int64_t thread) {
       at::Tensor patches = tile_matrix(buffers, thread, g, tile);
-      const auto data = tile_data<scalar_t>(planes, masked, patches, none, none);
+      const auto data = tile_data<scalar_t>(planes, masked, patches, none, none, none);
       for_each_part(schedule, tile, thread, false,
                     [&](const Band& part, int64_t) { build_patches(g, tile, part, data); });
       multiply_into_columns(out, wmat, patches, g, tile);
@@ -533,21 +545,23 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_backward", [&] {
     for_each_tile(schedule, need_input, [&](const Tile& tile, int64_t thread) {
       const at::Tensor tile_dy = tile_columns(dy, g, tile);
-      if (need_q) {
+      at::Tensor patches = need_weight ? tile_matrix(patch_buffers, thread, g, tile) : at::Tensor();
+      if (need_q) {  // P, when needed, is built in the pass that reads Q
         at::Tensor q = tile_matrix(q_buffers, thread, g, tile);
         at::mm_out(q, wmat.t(), tile_dy);
-        const auto data = tile_data<scalar_t>(planes, masked, q, grad_attn_parts, grad_planes);
+        const auto data = tile_data<scalar_t>(planes, masked, q, grad_attn_parts, grad_planes, patches);
         for_each_part(schedule, tile, thread, need_input, [&](const Band& part, int64_t part_thread) {
           TileData<scalar_t> part_data = data;
           if (part_data.grad_attn && attn_partials > 1) part_data.grad_attn += part_thread * attn.numel();
           scatter_patch_grad(g, tile, part, part_data);
         });
       }
-      if (need_weight) {
-        at::Tensor patches = tile_matrix(patch_buffers, thread, g, tile);
-        const auto data = tile_data<scalar_t>(planes, masked, patches, none, none);
+      if (need_weight && !need_q) {
+        const auto data = tile_data<scalar_t>(planes, masked, patches, none, none, none);
         for_each_part(schedule, tile, thread, false,
                       [&](const Band& part, int64_t) { build_patches(g, tile, part, data); });
+      }
+      if (need_weight) {
         at::Tensor part = grad_w_parts.select(0, thread);
         if (schedule.parallel_tiles) {
           part.addmm_(tile_dy, patches.t());
