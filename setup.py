@@ -36,7 +36,8 @@ setup(
             extra_compile_args=['-O3', '-march=native', '-fopenmp'],
             extra_link_args=['-fopenmp'])
         for name, source in [('aik_cpu', 'aik_conv2d_cpu.cpp'),
-                             ('depthwise_cpu', 'depthwise_context_cpu.cpp')]
+                             ('depthwise_cpu', 'depthwise_context_cpu.cpp'),
+                             ('attention_tail_cpu', 'attention_tail_cpu.cpp')]
     ],
     cmdclass={'build_ext': BuildExtension},
     license='Apache-2.0',

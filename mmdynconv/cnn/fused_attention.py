@@ -26,7 +26,9 @@ gives the gradients of x and of the depthwise weight, and z, from which
 
 The tail (fusion, fusion norm, ReLU, head, activation) works on M or fewer
 channels and is differentiated by hand from the kept local maps and the
-attention itself (which the AIK op keeps anyway).
+attention itself (which the AIK op keeps anyway); on CPU it is one compiled
+call each way (:mod:`mmdynconv.ops.attention_tail`), elsewhere the torch
+ops below.
 """
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from mmdynconv.ops import attention_tail
 from mmdynconv.ops.depthwise_context import (depthwise_context,
                                             depthwise_context_backward)
 
@@ -322,6 +325,31 @@ def _activate(gen: nn.Module, logits: Tensor) -> Tensor:
     return attn.mul_(2) if gen.act == '2sigmoid' else attn
 
 
+def _fusion(gen: nn.Module, glob: Optional[Tensor]) -> Optional[str]:
+    return None if glob is None else gen.fusion
+
+
+def _attention(gen: nn.Module, local_maps: Tensor,
+               pooled: Optional[Tensor]) -> Tuple[Tensor, _Stats]:
+    """The tail on the local maps (B, M, P): A (B, G*K, P) and the fusion
+    norm's statistics (with batch statistics, its running ones updated)."""
+    if not attention_tail.compiled(local_maps):
+        tail = _tail(gen, local_maps, pooled)
+        return _activate(gen, _logits(gen, tail.hidden)), tail.stats
+    norm = gen.fuse_norm
+    glob = _global(gen, pooled)
+    batch_stats = uses_batch_statistics(norm)
+    stats = None if batch_stats else _running_statistics(norm)
+    attn, mean, var = attention_tail.tail_forward(
+        local_maps, glob, _fusion(gen, glob), stats, norm.weight, norm.bias,
+        norm.eps, gen.head.weight.flatten(1), gen.head.bias, gen.act,
+        gen.attn_groups)
+    if batch_stats:
+        stats = _batch_statistics(norm, mean, var,
+                                  local_maps.shape[0] * local_maps.shape[2])
+    return attn, stats
+
+
 def _forward(gen: nn.Module, x: Tensor):
     """(B, C, H, W) -> A (B, G, K, h, w) contiguous, and for backward the
     pooled input (B, C; None without a global branch), the local maps
@@ -329,11 +357,10 @@ def _forward(gen: nn.Module, x: Tensor):
     local = _local(gen, x)
     pooled = None if gen.global_proj is None else local.pooled
     local_maps = local.output()
-    tail = _tail(gen, local_maps, pooled)
-    attn = _activate(gen, _logits(gen, tail.hidden))
+    attn, fuse_stats = _attention(gen, local_maps, pooled)
     attn = attn.view(x.shape[0], gen.attn_groups, -1,
                      *_local_out_size(gen, x))
-    return attn, pooled, local_maps, local.stats, tail.stats
+    return attn, pooled, local_maps, local.stats, fuse_stats
 
 
 def fused_attention(gen: nn.Module, x: Tensor) -> Tensor:
@@ -401,6 +428,31 @@ def _tail_backward(gen: nn.Module, tail: _Tail, grad_logits: Tensor):
             grad_head.view_as(gen.head.weight), grad_logits.sum((0, 2)))
 
 
+def _attention_backward(gen: nn.Module, local_maps: Tensor,
+                        pooled: Optional[Tensor], attn: Tensor,
+                        grad_attn: Tensor, stats: _Stats):
+    """Backward of :func:`_attention` from A and dA (B, G, K, h, w).
+
+    Returns:
+        The gradients of the local maps (B, M, P), of glob (B, M; None
+        without) and of the fusion norm's weight and bias and the head's
+        weight and bias.
+    """
+    if not attention_tail.compiled(local_maps):
+        tail = _tail(gen, local_maps, pooled, stats)
+        grad_logits = _activation_backward(gen, _flat(attn),
+                                           _flat(grad_attn))
+        return _tail_backward(gen, tail, grad_logits)
+    norm = gen.fuse_norm
+    glob = _global(gen, pooled)
+    *grads, grad_head, grad_head_b = attention_tail.tail_backward(
+        local_maps, glob, _fusion(gen, glob), stats,
+        uses_batch_statistics(norm), norm.weight, norm.bias,
+        gen.head.weight.flatten(1), _flat(attn), _flat(grad_attn), gen.act,
+        gen.attn_groups)
+    return (*grads, grad_head.view_as(gen.head.weight), grad_head_b)
+
+
 def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
                     grad_local: Tensor, grad_pooled: Optional[Tensor],
                     needs: List[bool]):
@@ -446,10 +498,9 @@ def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
               pooled: Optional[Tensor], local_maps: Tensor,
               local_stats: _Stats, fuse_stats: _Stats, needs: List[bool]):
     """Gradients of x and of :func:`fused_params`, in that order."""
-    tail = _tail(gen, local_maps, pooled, fuse_stats)
-    grad_logits = _activation_backward(gen, _flat(attn), _flat(grad_attn))
     (grad_local, grad_glob, grad_fuse_w, grad_fuse_b, grad_head,
-     grad_head_b) = _tail_backward(gen, tail, grad_logits)
+     grad_head_b) = _attention_backward(gen, local_maps, pooled, attn,
+                                        grad_attn, fuse_stats)
     grad_global = grad_pooled = None
     if grad_glob is not None:
         grad_global = (grad_glob.t() @ pooled).view_as(gen.global_proj.weight)

@@ -109,7 +109,7 @@ OPTIONS = [
 @pytest.mark.parametrize('options', OPTIONS)
 @pytest.mark.parametrize('train', [True, False])
 def test_values_gradients_and_statistics_match_the_modules(
-        options, train, depthwise_path):
+        options, train, generator_path):
     gen = make_generator(**options).train(train)
     x = torch.randn(2, 16, 9, 10, dtype=DTYPE) * 2 + 0.5
     assert_same_state(*run_both(gen, x))

@@ -43,7 +43,7 @@ def inputs(size, kernel, channels=5):
 
 @pytest.mark.parametrize('size,kernel,stride,padding,dilation', CASES)
 @pytest.mark.parametrize('given_mean', [False, True])
-def test_forward_and_backward_match_autograd(depthwise_path, size, kernel,
+def test_forward_and_backward_match_autograd(generator_path, size, kernel,
                                              stride, padding, dilation,
                                              given_mean):
     geo = pair(stride), pair(padding), pair(dilation)
@@ -87,7 +87,7 @@ def test_forward_and_backward_match_autograd(depthwise_path, size, kernel,
 
 @pytest.mark.parametrize('needs', [(True, False), (False, True)])
 def test_backward_without_statistics_terms_or_pooled_gradient(
-        depthwise_path, needs):
+        generator_path, needs):
     geo = (2, 2), (1, 1), (1, 1)
     x, weight = inputs((9, 8), (3, 3))
     x_ref = x.clone().requires_grad_()
@@ -106,7 +106,7 @@ def test_backward_without_statistics_terms_or_pooled_gradient(
     torch.testing.assert_close(recomputed, z.detach(), **TOL)
 
 
-def test_float32_and_non_contiguous_input(depthwise_path):
+def test_float32_and_non_contiguous_input(generator_path):
     geo = (1, 1), (1, 1), (1, 1)
     x, weight = inputs((10, 11), (3, 3), channels=6)
     x32 = x.float().transpose(2, 3)  # (3, 6, 11, 10), not contiguous

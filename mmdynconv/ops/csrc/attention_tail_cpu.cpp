@@ -1,0 +1,450 @@
+// The tail of the AIK attention generator on CPU (see attention_tail.py):
+// from the local maps L (B, M, P) and the global vector g (B, M), per
+// sample b and position p,
+//
+//   F = fusion(L, g)                     (M' = M, or 2M for 'cat', channels)
+//   H = relu((F - mean) * scale + beta)  (the fusion norm; scale = gamma * invstd)
+//   Z = W H + bias                       (the head, G*K logits)
+//   A = act(Z)                           (2*sigmoid, sigmoid, or K * softmax over each group's taps)
+//
+// and its backward from A and dA. Maps are NCHW with the spatial dims
+// flattened; every pass runs over blocks of positions with the channels in
+// an outer loop, so the inner loops are unit-stride and vectorised. The
+// passes over (sample, block) pairs run in parallel; their sums go to
+// per-thread partials.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+enum Fusion : int64_t { kNone = 0, kAdd = 1, kMul = 2, kCat = 3 };
+enum Act : int64_t { kTwoSigmoid = 0, kSigmoid = 1, kSoftmax = 2 };
+
+constexpr int64_t kBlock = 256;  // positions per block
+
+template <typename T>
+T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+// Sizes and the optional tensors' pointers of one call.
+template <typename T>
+struct Tail {
+  int64_t batch, local_channels, positions, hidden, logits, groups;
+  Fusion fusion;
+  Act act;
+  const T* local;  // (B, M, P)
+  const T* glob;   // (B, M) or null
+  const T* weight; // head (G*K, M')
+
+  int64_t blocks() const { return (positions + kBlock - 1) / kBlock; }
+
+  // F[b, j, p0:p0+n] into f.
+  void fused_row(int64_t b, int64_t j, int64_t p0, int64_t n, T* f) const {
+    const int64_t M = local_channels;
+    if (fusion == kCat && j >= M) {
+      std::fill(f, f + n, glob[b * M + j - M]);
+      return;
+    }
+    const T* l = local + (b * M + j) * positions + p0;
+    if (fusion == kNone || fusion == kCat) {
+      std::copy_n(l, n, f);
+    } else if (fusion == kAdd) {
+      const T add = glob[b * M + j];
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) f[p] = l[p] + add;
+    } else {
+      const T gate = sigmoid(glob[b * M + j]);
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) f[p] = l[p] * gate;
+    }
+  }
+
+  // H (M' x n, rows of kBlock) and the centred F (same layout) of a block.
+  void hidden_block(int64_t b, int64_t p0, int64_t n, const T* mean, const T* scale, const T* beta, T* h,
+                    T* centred) const {
+    for (int64_t j = 0; j < hidden; ++j) {
+      T* c = centred + j * kBlock;
+      T* hj = h + j * kBlock;
+      fused_row(b, j, p0, n, c);
+      const T m = mean[j], s = scale[j], shift = beta ? beta[j] : T(0);
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) {
+        c[p] -= m;
+        hj[p] = std::max(T(0), c[p] * s + shift);
+      }
+    }
+  }
+};
+
+template <typename T>
+Tail<T> make_tail(const at::Tensor& local, const std::optional<at::Tensor>& glob, int64_t fusion,
+                  const at::Tensor& weight, int64_t act, int64_t groups) {
+  TORCH_CHECK(local.dim() == 3 && local.is_contiguous(), "local must be a contiguous (B, M, P) tensor");
+  const int64_t B = local.size(0), M = local.size(1);
+  const bool has_glob = glob.has_value() && glob->defined();
+  TORCH_CHECK(has_glob == (fusion != kNone), "glob is needed exactly when there is a fusion");
+  TORCH_CHECK(!has_glob || (glob->is_contiguous() && glob->sizes() == at::IntArrayRef({B, M})),
+              "glob must be a contiguous (B, M) tensor");
+  const int64_t hidden = fusion == kCat ? 2 * M : M;
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == hidden &&
+                  weight.size(0) % groups == 0,
+              "weight must be a contiguous (G*K, M') tensor, got ", weight.sizes());
+  return {B,
+          M,
+          local.size(2),
+          hidden,
+          weight.size(0),
+          groups,
+          static_cast<Fusion>(fusion),
+          static_cast<Act>(act),
+          local.data_ptr<T>(),
+          has_glob ? glob->data_ptr<T>() : nullptr,
+          weight.data_ptr<T>()};
+}
+
+template <typename T>
+const T* optional_data(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->is_contiguous(), "the norm's parameters must be contiguous");
+  return t->data_ptr<T>();
+}
+
+// Z (logits x n, rows of kBlock) = W H + bias.
+template <typename T>
+void head_block(const Tail<T>& tail, const T* h, const T* bias, int64_t n, T* z) {
+  for (int64_t k = 0; k < tail.logits; ++k) {
+    T* zk = z + k * kBlock;
+    std::fill(zk, zk + n, bias[k]);
+    for (int64_t j = 0; j < tail.hidden; ++j) {
+      const T w = tail.weight[k * tail.hidden + j];
+      const T* hj = h + j * kBlock;
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) zk[p] += w * hj[p];
+    }
+  }
+}
+
+// A from Z, both (logits x n, rows of kBlock), in place.
+template <typename T>
+void activate_block(const Tail<T>& tail, int64_t n, T* z) {
+  if (tail.act != kSoftmax) {
+    const T factor = tail.act == kTwoSigmoid ? T(2) : T(1);
+    for (int64_t k = 0; k < tail.logits; ++k) {
+      T* zk = z + k * kBlock;
+      for (int64_t p = 0; p < n; ++p) zk[p] = factor * sigmoid(zk[p]);
+    }
+    return;
+  }
+  const int64_t taps = tail.logits / tail.groups;
+  for (int64_t g = 0; g < tail.groups; ++g) {
+    T* zg = z + g * taps * kBlock;
+    for (int64_t p = 0; p < n; ++p) {
+      T top = zg[p];
+      for (int64_t t = 1; t < taps; ++t) top = std::max(top, zg[t * kBlock + p]);
+      T sum = 0;
+      for (int64_t t = 0; t < taps; ++t) sum += (zg[t * kBlock + p] = std::exp(zg[t * kBlock + p] - top));
+      const T factor = T(taps) / sum;
+      for (int64_t t = 0; t < taps; ++t) zg[t * kBlock + p] *= factor;
+    }
+  }
+}
+
+// dZ from A and dA (both (B, logits, P), at the block) into dz (rows of kBlock).
+template <typename T>
+void activation_backward_block(const Tail<T>& tail, const T* attn, const T* grad, int64_t n, T* dz) {
+  const int64_t stride = tail.positions;
+  if (tail.act != kSoftmax) {
+    const T half = tail.act == kTwoSigmoid ? T(0.5) : T(1);
+    for (int64_t k = 0; k < tail.logits; ++k) {
+      const T* a = attn + k * stride;
+      const T* d = grad + k * stride;
+      T* out = dz + k * kBlock;
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) out[p] = (a[p] - half * a[p] * a[p]) * d[p];
+    }
+    return;
+  }
+  const int64_t taps = tail.logits / tail.groups;
+  for (int64_t g = 0; g < tail.groups; ++g) {
+    const T* a = attn + g * taps * stride;
+    const T* d = grad + g * taps * stride;
+    T* out = dz + g * taps * kBlock;
+    for (int64_t p = 0; p < n; ++p) {
+      T mean = 0;
+      for (int64_t t = 0; t < taps; ++t) mean += a[t * stride + p] * d[t * stride + p];
+      mean /= T(taps);
+      for (int64_t t = 0; t < taps; ++t) out[t * kBlock + p] = a[t * stride + p] * (d[t * stride + p] - mean);
+    }
+  }
+}
+
+// The forward on one dtype (see tail_forward).
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optional<at::Tensor>& glob,
+                                     int64_t fusion, const std::optional<at::Tensor>& given_mean,
+                                     const std::optional<at::Tensor>& given_invstd,
+                                     const std::optional<at::Tensor>& gamma,
+                                     const std::optional<at::Tensor>& beta, double eps,
+                                     const at::Tensor& weight, const at::Tensor& bias, int64_t act,
+                                     int64_t groups) {
+  const bool batch_stats = !(given_mean.has_value() && given_mean->defined());
+  at::Tensor attn, mean, var, scale;
+  const Tail<T> tail = make_tail<T>(local, glob, fusion, weight, act, groups);
+  attn = at::empty({tail.batch, tail.logits, tail.positions}, local.options());
+  if (batch_stats) {
+    mean = at::empty({tail.hidden}, local.options());
+    var = at::empty({tail.hidden}, local.options());
+    T* md = mean.data_ptr<T>();
+    T* vd = var.data_ptr<T>();
+    const double count = double(tail.batch) * tail.positions;
+    at::parallel_for(0, tail.hidden, 1, [&](int64_t j0, int64_t j1) {
+      std::vector<T> f(kBlock);
+      for (int64_t j = j0; j < j1; ++j) {
+        double sum = 0, squares = 0;
+        for (int64_t b = 0; b < tail.batch; ++b) {
+          for (int64_t p0 = 0; p0 < tail.positions; p0 += kBlock) {
+            const int64_t n = std::min(kBlock, tail.positions - p0);
+            tail.fused_row(b, j, p0, n, f.data());
+            T s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+            for (int64_t p = 0; p < n; ++p) {
+              s += f[p];
+              q += f[p] * f[p];
+            }
+            sum += s;
+            squares += q;
+          }
+        }
+        const double mu = sum / count;
+        md[j] = static_cast<T>(mu);
+        vd[j] = static_cast<T>(std::max(0.0, squares / count - mu * mu));
+      }
+    });
+    scale = (var + eps).rsqrt_();
+  } else {
+    mean = given_mean->contiguous();
+    scale = given_invstd->contiguous();
+  }
+  if (gamma.has_value() && gamma->defined()) scale = scale * *gamma;
+  const T* md = mean.data_ptr<T>();
+  const T* sd = scale.data_ptr<T>();
+  const T* betad = optional_data<T>(beta);
+  const T* biasd = bias.data_ptr<T>();
+  T* ad = attn.data_ptr<T>();
+  at::parallel_for(0, tail.batch * tail.blocks(), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> h(tail.hidden * kBlock), c(tail.hidden * kBlock), z(tail.logits * kBlock);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / tail.blocks(), p0 = (i % tail.blocks()) * kBlock;
+      const int64_t n = std::min(kBlock, tail.positions - p0);
+      tail.hidden_block(b, p0, n, md, sd, betad, h.data(), c.data());
+      head_block(tail, h.data(), biasd, n, z.data());
+      activate_block(tail, n, z.data());
+      for (int64_t k = 0; k < tail.logits; ++k) {
+        std::copy_n(z.data() + k * kBlock, n, ad + (b * tail.logits + k) * tail.positions + p0);
+      }
+    }
+  });
+  return {attn, mean, batch_stats ? var : at::Tensor()};
+}
+
+// The backward on one dtype (see tail_backward).
+template <typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::optional<at::Tensor>& glob,
+                                      int64_t fusion, const at::Tensor& mean, const at::Tensor& invstd,
+                                      bool batch_stats, const std::optional<at::Tensor>& gamma,
+                                      const std::optional<at::Tensor>& beta, const at::Tensor& weight,
+                                      const at::Tensor& attn, const at::Tensor& grad_attn, int64_t act,
+                                      int64_t groups) {
+  const Tail<T> tail = make_tail<T>(local, glob, fusion, weight, act, groups);
+  const std::vector<int64_t> maps{tail.batch, tail.logits, tail.positions};
+  TORCH_CHECK(attn.is_contiguous() && attn.sizes() == at::IntArrayRef(maps) && grad_attn.is_contiguous() &&
+                  grad_attn.sizes() == at::IntArrayRef(maps),
+              "attn and grad_attn must be contiguous (B, G*K, P) tensors");
+  const int64_t M2 = tail.hidden, GK = tail.logits, P = tail.positions;
+  TORCH_CHECK(mean.is_contiguous() && invstd.is_contiguous() && mean.numel() == tail.hidden &&
+                  invstd.numel() == tail.hidden,
+              "mean and invstd must be contiguous (M',) tensors");
+  const bool affine = gamma.has_value() && gamma->defined();
+  const at::Tensor scale = affine ? invstd * *gamma : invstd;
+  const T* md = mean.data_ptr<T>();
+  const T* sd = scale.data_ptr<T>();
+  const T* betad = optional_data<T>(beta);
+  const T* ad = attn.data_ptr<T>();
+  const T* gad = grad_attn.data_ptr<T>();
+  // per thread: grad_weight (GK x M'), grad_bias (GK), sum dN, sum dN * centred (M' each)
+  const int64_t threads = at::get_num_threads(), sums = GK * M2 + GK + 2 * M2;
+  std::vector<double> partials(threads * sums, 0.0);
+  at::Tensor grad_norm = at::empty({tail.batch, M2, P}, local.options());  // dN
+  T* dnd = grad_norm.data_ptr<T>();
+  at::parallel_for(0, tail.batch * tail.blocks(), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> h(M2 * kBlock), c(M2 * kBlock), dz(GK * kBlock);
+    double* acc = partials.data() + at::get_thread_num() * sums;
+    double* grad_w = acc;
+    double* grad_b = acc + GK * M2;
+    double* grad_sum = grad_b + GK;
+    double* grad_dot = grad_sum + M2;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / tail.blocks(), p0 = (i % tail.blocks()) * kBlock;
+      const int64_t n = std::min(kBlock, P - p0);
+      tail.hidden_block(b, p0, n, md, sd, betad, h.data(), c.data());
+      activation_backward_block(tail, ad + b * GK * P + p0, gad + b * GK * P + p0, n, dz.data());
+      for (int64_t k = 0; k < GK; ++k) {
+        const T* dzk = dz.data() + k * kBlock;
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t p = 0; p < n; ++p) s += dzk[p];
+        grad_b[k] += s;
+        for (int64_t j = 0; j < M2; ++j) {
+          const T* hj = h.data() + j * kBlock;
+          T d = 0;
+#pragma omp simd reduction(+ : d)
+          for (int64_t p = 0; p < n; ++p) d += dzk[p] * hj[p];
+          grad_w[k * M2 + j] += d;
+        }
+      }
+      for (int64_t j = 0; j < M2; ++j) {
+        T* dn = dnd + (b * M2 + j) * P + p0;
+        std::fill(dn, dn + n, T(0));
+        for (int64_t k = 0; k < GK; ++k) {
+          const T w = tail.weight[k * M2 + j];
+          const T* dzk = dz.data() + k * kBlock;
+#pragma omp simd
+          for (int64_t p = 0; p < n; ++p) dn[p] += w * dzk[p];
+        }
+        const T* hj = h.data() + j * kBlock;
+        const T* cj = c.data() + j * kBlock;
+        T s = 0, d = 0;
+#pragma omp simd reduction(+ : s, d)
+        for (int64_t p = 0; p < n; ++p) {
+          dn[p] = hj[p] > T(0) ? dn[p] : T(0);
+          s += dn[p];
+          d += dn[p] * cj[p];
+        }
+        grad_sum[j] += s;
+        grad_dot[j] += d;
+      }
+    }
+  });
+  std::vector<double> total(sums, 0.0);
+  for (int64_t t = 0; t < threads; ++t) {
+    for (int64_t k = 0; k < sums; ++k) total[k] += partials[t * sums + k];
+  }
+  const double* grad_sum = total.data() + GK * M2 + GK;
+  const double* grad_dot = grad_sum + M2;
+  const T* invd = invstd.data_ptr<T>();
+  const double count = double(tail.batch) * P;
+  // dF = dN * scale + e * centred + f
+  std::vector<T> e(M2, T(0)), f(M2, T(0));
+  if (batch_stats) {
+    for (int64_t j = 0; j < M2; ++j) {
+      e[j] = static_cast<T>(-sd[j] * invd[j] * invd[j] * grad_dot[j] / count);
+      f[j] = static_cast<T>(-sd[j] * grad_sum[j] / count);
+    }
+  }
+  const int64_t M = tail.local_channels;
+  at::Tensor grad_local = at::empty_like(local);
+  at::Tensor grad_glob = tail.glob ? at::zeros({tail.batch, M}, local.options()) : at::Tensor();
+  T* gld = grad_local.data_ptr<T>();
+  T* ggd = tail.glob ? grad_glob.data_ptr<T>() : nullptr;
+  at::parallel_for(0, tail.batch * M2, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> df(P);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / M2, j = i % M2;
+      tail.fused_row(b, j, 0, P, df.data());
+      const T* dn = dnd + (b * M2 + j) * P;
+      const T m = md[j], s = sd[j], ej = e[j], fj = f[j];
+      T dsum = 0;
+#pragma omp simd reduction(+ : dsum)
+      for (int64_t p = 0; p < P; ++p) {
+        df[p] = dn[p] * s + ej * (df[p] - m) + fj;
+        dsum += df[p];
+      }
+      if (tail.fusion == kCat && j >= M) {
+        ggd[b * M + j - M] = dsum;
+        continue;
+      }
+      T* dl = gld + (b * M + j) * P;
+      if (tail.fusion != kMul) {
+        std::copy_n(df.data(), P, dl);
+        if (tail.fusion == kAdd) ggd[b * M + j] = dsum;
+        continue;
+      }
+      const T gate = sigmoid(tail.glob[b * M + j]);
+      const T* l = tail.local + (b * M + j) * P;
+      T dgate = 0;
+#pragma omp simd reduction(+ : dgate)
+      for (int64_t p = 0; p < P; ++p) {
+        dl[p] = df[p] * gate;
+        dgate += df[p] * l[p];
+      }
+      ggd[b * M + j] = dgate * gate * (T(1) - gate);
+    }
+  });
+  at::Tensor grad_weight = at::empty_like(weight), grad_bias = at::empty({GK}, local.options());
+  T* gwd = grad_weight.data_ptr<T>();
+  T* gbd = grad_bias.data_ptr<T>();
+  for (int64_t k = 0; k < GK * M2; ++k) gwd[k] = static_cast<T>(total[k]);
+  for (int64_t k = 0; k < GK; ++k) gbd[k] = static_cast<T>(total[GK * M2 + k]);
+  at::Tensor grad_gamma, grad_beta;
+  if (affine) {
+    grad_gamma = at::empty({M2}, local.options());
+    grad_beta = at::empty({M2}, local.options());
+    for (int64_t j = 0; j < M2; ++j) {
+      grad_gamma.data_ptr<T>()[j] = static_cast<T>(grad_dot[j] * invd[j]);
+      grad_beta.data_ptr<T>()[j] = static_cast<T>(grad_sum[j]);
+    }
+  }
+  return {grad_local, grad_glob, grad_gamma, grad_beta, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+// local (B, M, P), glob (B, M) or None, the fusion norm's mean and invstd
+// (M',; None: batch statistics), gamma and beta (M',) or None, head weight
+// (G*K, M') and bias (G*K,) -> [A (B, G*K, P), mean (M'), biased var (M';
+// undefined when mean was given)].
+std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
+                                     int64_t fusion, const std::optional<at::Tensor>& mean,
+                                     const std::optional<at::Tensor>& invstd,
+                                     const std::optional<at::Tensor>& gamma,
+                                     const std::optional<at::Tensor>& beta, double eps,
+                                     const at::Tensor& weight, const at::Tensor& bias, int64_t act,
+                                     int64_t groups) {
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(local.scalar_type(), "tail_forward", [&] {
+    result = forward_impl<scalar_t>(local, glob, fusion, mean, invstd, gamma, beta, eps, weight, bias, act,
+                                    groups);
+  });
+  return result;
+}
+
+// The backward of tail_forward from A and dA (B, G*K, P), with the fusion
+// norm's mean and invstd (M',) and whether they were the batch's.
+// -> [grad_local (B, M, P), grad_glob (B, M; undefined without), grad_gamma,
+// grad_beta (M'; undefined without affine), grad_weight (G*K, M'),
+// grad_bias (G*K,)].
+std::vector<at::Tensor> tail_backward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
+                                      int64_t fusion, const at::Tensor& mean, const at::Tensor& invstd,
+                                      bool batch_stats, const std::optional<at::Tensor>& gamma,
+                                      const std::optional<at::Tensor>& beta, const at::Tensor& weight,
+                                      const at::Tensor& attn, const at::Tensor& grad_attn, int64_t act,
+                                      int64_t groups) {
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(local.scalar_type(), "tail_backward", [&] {
+    result = backward_impl<scalar_t>(local, glob, fusion, mean, invstd, batch_stats, gamma, beta, weight, attn,
+                                     grad_attn, act, groups);
+  });
+  return result;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "The AIK attention generator's tail (fusion, fusion norm, head, activation) on CPU";
+  m.def("forward", &tail_forward, "the attention from the local maps and the global vector");
+  m.def("backward", &tail_backward, "the tail's gradients from the attention's");
+}
