@@ -340,14 +340,13 @@ def _attention(gen: nn.Module, local_maps: Tensor,
     glob = _global(gen, pooled)
     batch_stats = uses_batch_statistics(norm)
     stats = None if batch_stats else _running_statistics(norm)
-    attn, mean, var = attention_tail.tail_forward(
+    logits, mean, var = attention_tail.tail_forward(
         local_maps, glob, _fusion(gen, glob), stats, norm.weight, norm.bias,
-        norm.eps, gen.head.weight.flatten(1), gen.head.bias, gen.act,
-        gen.attn_groups)
+        norm.eps, gen.head.weight.flatten(1), gen.head.bias)
     if batch_stats:
         stats = _batch_statistics(norm, mean, var,
                                   local_maps.shape[0] * local_maps.shape[2])
-    return attn, stats
+    return _activate(gen, logits), stats
 
 
 def _forward(gen: nn.Module, x: Tensor):

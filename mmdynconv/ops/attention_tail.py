@@ -1,6 +1,7 @@
 """The tail of the AIK attention generator compiled for CPU: from the local
 maps (B, M, P) and the global vector (B, M), the fusion, the fusion norm,
-ReLU, the head and the activation in one call, and their backward in one
+ReLU and the head in one call (the activation is left to torch's vectorised
+ops), and the backward of all of them, the activation's included, in one
 call (``csrc/attention_tail_cpu.cpp``).
 
 :mod:`mmdynconv.cnn.fused_attention` uses it for CPU float32/float64 maps
@@ -30,21 +31,19 @@ def compiled(maps: Tensor) -> bool:
 def tail_forward(local: Tensor, glob: Optional[Tensor], fusion: Optional[str],
                  stats: Optional[Tuple[Tensor, Tensor]],
                  gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
-                 weight: Tensor, bias: Tensor, act: str,
-                 groups: int) -> List[Optional[Tensor]]:
-    """A (B, G*K, P) from local (B, M, P) and glob (B, M; None, with fusion
-    None, without a global branch): fusion, the norm with gamma and beta
-    (M',; None without affine) by stats = (mean, invstd) or, when None, by
-    the batch's, ReLU, the head weight (G*K, M') and bias, activation act.
+                 weight: Tensor, bias: Tensor) -> List[Optional[Tensor]]:
+    """The head's logits (B, G*K, P) from local (B, M, P) and glob (B, M;
+    None, with fusion None, without a global branch): fusion, the norm with
+    gamma and beta (M',; None without affine) by stats = (mean, invstd) or,
+    when None, by the batch's, ReLU, the head weight (G*K, M') and bias.
 
     Returns:
-        [A, mean, biased variance (None when stats were given)].
+        [logits, mean, biased variance (None when stats were given)].
     """
     mean, invstd = stats if stats is not None else (None, None)
     return _attention_tail_cpu.forward(local.contiguous(), glob,
                                        FUSIONS[fusion], mean, invstd, gamma,
-                                       beta, eps, weight.contiguous(), bias,
-                                       ACTIVATIONS[act], groups)
+                                       beta, eps, weight.contiguous(), bias)
 
 
 def tail_backward(local: Tensor, glob: Optional[Tensor],
@@ -53,8 +52,9 @@ def tail_backward(local: Tensor, glob: Optional[Tensor],
                   beta: Optional[Tensor], weight: Tensor, attn: Tensor,
                   grad_attn: Tensor, act: str,
                   groups: int) -> List[Optional[Tensor]]:
-    """The gradients of :func:`tail_forward` from A and dA (B, G*K, P), with
-    the norm's (mean, invstd) and whether they were the batch's.
+    """The gradients of :func:`tail_forward` followed by the activation act
+    (over ``groups`` groups of taps), from A and dA (B, G*K, P), with the
+    norm's (mean, invstd) and whether they were the batch's.
 
     Returns:
         [grad_local, grad_glob, grad_gamma, grad_beta, grad_weight,

@@ -5,9 +5,9 @@
 //   F = fusion(L, g)                     (M' = M, or 2M for 'cat', channels)
 //   H = relu((F - mean) * scale + beta)  (the fusion norm; scale = gamma * invstd)
 //   Z = W H + bias                       (the head, G*K logits)
-//   A = act(Z)                           (2*sigmoid, sigmoid, or K * softmax over each group's taps)
 //
-// and its backward from A and dA. Maps are NCHW with the spatial dims
+// (A = act(Z), 2*sigmoid, sigmoid, or K * softmax over each group's taps,
+// is left to torch's vectorised ops), and the backward of A from A and dA. Maps are NCHW with the spatial dims
 // flattened; every pass runs over blocks of positions with the channels in
 // an outer loop, so the inner loops are unit-stride and vectorised. The
 // passes over (sample, block) pairs run in parallel; their sums go to
@@ -35,9 +35,8 @@ T sigmoid(T v) {
 // Sizes and the optional tensors' pointers of one call.
 template <typename T>
 struct Tail {
-  int64_t batch, local_channels, positions, hidden, logits, groups;
+  int64_t batch, local_channels, positions, hidden, logits;
   Fusion fusion;
-  Act act;
   const T* local;  // (B, M, P)
   const T* glob;   // (B, M) or null
   const T* weight; // head (G*K, M')
@@ -84,7 +83,7 @@ struct Tail {
 
 template <typename T>
 Tail<T> make_tail(const at::Tensor& local, const std::optional<at::Tensor>& glob, int64_t fusion,
-                  const at::Tensor& weight, int64_t act, int64_t groups) {
+                  const at::Tensor& weight) {
   TORCH_CHECK(local.dim() == 3 && local.is_contiguous(), "local must be a contiguous (B, M, P) tensor");
   const int64_t B = local.size(0), M = local.size(1);
   const bool has_glob = glob.has_value() && glob->defined();
@@ -92,17 +91,14 @@ Tail<T> make_tail(const at::Tensor& local, const std::optional<at::Tensor>& glob
   TORCH_CHECK(!has_glob || (glob->is_contiguous() && glob->sizes() == at::IntArrayRef({B, M})),
               "glob must be a contiguous (B, M) tensor");
   const int64_t hidden = fusion == kCat ? 2 * M : M;
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == hidden &&
-                  weight.size(0) % groups == 0,
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == hidden,
               "weight must be a contiguous (G*K, M') tensor, got ", weight.sizes());
   return {B,
           M,
           local.size(2),
           hidden,
           weight.size(0),
-          groups,
           static_cast<Fusion>(fusion),
-          static_cast<Act>(act),
           local.data_ptr<T>(),
           has_glob ? glob->data_ptr<T>() : nullptr,
           weight.data_ptr<T>()};
@@ -130,37 +126,13 @@ void head_block(const Tail<T>& tail, const T* h, const T* bias, int64_t n, T* z)
   }
 }
 
-// A from Z, both (logits x n, rows of kBlock), in place.
-template <typename T>
-void activate_block(const Tail<T>& tail, int64_t n, T* z) {
-  if (tail.act != kSoftmax) {
-    const T factor = tail.act == kTwoSigmoid ? T(2) : T(1);
-    for (int64_t k = 0; k < tail.logits; ++k) {
-      T* zk = z + k * kBlock;
-      for (int64_t p = 0; p < n; ++p) zk[p] = factor * sigmoid(zk[p]);
-    }
-    return;
-  }
-  const int64_t taps = tail.logits / tail.groups;
-  for (int64_t g = 0; g < tail.groups; ++g) {
-    T* zg = z + g * taps * kBlock;
-    for (int64_t p = 0; p < n; ++p) {
-      T top = zg[p];
-      for (int64_t t = 1; t < taps; ++t) top = std::max(top, zg[t * kBlock + p]);
-      T sum = 0;
-      for (int64_t t = 0; t < taps; ++t) sum += (zg[t * kBlock + p] = std::exp(zg[t * kBlock + p] - top));
-      const T factor = T(taps) / sum;
-      for (int64_t t = 0; t < taps; ++t) zg[t * kBlock + p] *= factor;
-    }
-  }
-}
-
 // dZ from A and dA (both (B, logits, P), at the block) into dz (rows of kBlock).
 template <typename T>
-void activation_backward_block(const Tail<T>& tail, const T* attn, const T* grad, int64_t n, T* dz) {
+void activation_backward_block(const Tail<T>& tail, Act act, int64_t groups, const T* attn, const T* grad,
+                               int64_t n, T* dz) {
   const int64_t stride = tail.positions;
-  if (tail.act != kSoftmax) {
-    const T half = tail.act == kTwoSigmoid ? T(0.5) : T(1);
+  if (act != kSoftmax) {
+    const T half = act == kTwoSigmoid ? T(0.5) : T(1);
     for (int64_t k = 0; k < tail.logits; ++k) {
       const T* a = attn + k * stride;
       const T* d = grad + k * stride;
@@ -170,8 +142,8 @@ void activation_backward_block(const Tail<T>& tail, const T* attn, const T* grad
     }
     return;
   }
-  const int64_t taps = tail.logits / tail.groups;
-  for (int64_t g = 0; g < tail.groups; ++g) {
+  const int64_t taps = tail.logits / groups;
+  for (int64_t g = 0; g < groups; ++g) {
     const T* a = attn + g * taps * stride;
     const T* d = grad + g * taps * stride;
     T* out = dz + g * taps * kBlock;
@@ -191,12 +163,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
                                      const std::optional<at::Tensor>& given_invstd,
                                      const std::optional<at::Tensor>& gamma,
                                      const std::optional<at::Tensor>& beta, double eps,
-                                     const at::Tensor& weight, const at::Tensor& bias, int64_t act,
-                                     int64_t groups) {
+                                     const at::Tensor& weight, const at::Tensor& bias) {
   const bool batch_stats = !(given_mean.has_value() && given_mean->defined());
-  at::Tensor attn, mean, var, scale;
-  const Tail<T> tail = make_tail<T>(local, glob, fusion, weight, act, groups);
-  attn = at::empty({tail.batch, tail.logits, tail.positions}, local.options());
+  at::Tensor logits, mean, var, scale;
+  const Tail<T> tail = make_tail<T>(local, glob, fusion, weight);
+  logits = at::empty({tail.batch, tail.logits, tail.positions}, local.options());
   if (batch_stats) {
     mean = at::empty({tail.hidden}, local.options());
     var = at::empty({tail.hidden}, local.options());
@@ -236,7 +207,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
   const T* sd = scale.data_ptr<T>();
   const T* betad = optional_data<T>(beta);
   const T* biasd = bias.data_ptr<T>();
-  T* ad = attn.data_ptr<T>();
+  T* zd = logits.data_ptr<T>();
   at::parallel_for(0, tail.batch * tail.blocks(), 1, [&](int64_t i0, int64_t i1) {
     std::vector<T> h(tail.hidden * kBlock), c(tail.hidden * kBlock), z(tail.logits * kBlock);
     for (int64_t i = i0; i < i1; ++i) {
@@ -244,13 +215,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
       const int64_t n = std::min(kBlock, tail.positions - p0);
       tail.hidden_block(b, p0, n, md, sd, betad, h.data(), c.data());
       head_block(tail, h.data(), biasd, n, z.data());
-      activate_block(tail, n, z.data());
       for (int64_t k = 0; k < tail.logits; ++k) {
-        std::copy_n(z.data() + k * kBlock, n, ad + (b * tail.logits + k) * tail.positions + p0);
+        std::copy_n(z.data() + k * kBlock, n, zd + (b * tail.logits + k) * tail.positions + p0);
       }
     }
   });
-  return {attn, mean, batch_stats ? var : at::Tensor()};
+  return {logits, mean, batch_stats ? var : at::Tensor()};
 }
 
 // The backward on one dtype (see tail_backward).
@@ -261,7 +231,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
                                       const std::optional<at::Tensor>& beta, const at::Tensor& weight,
                                       const at::Tensor& attn, const at::Tensor& grad_attn, int64_t act,
                                       int64_t groups) {
-  const Tail<T> tail = make_tail<T>(local, glob, fusion, weight, act, groups);
+  const Tail<T> tail = make_tail<T>(local, glob, fusion, weight);
+  TORCH_CHECK(groups > 0 && tail.logits % groups == 0, "groups must divide the logits");
   const std::vector<int64_t> maps{tail.batch, tail.logits, tail.positions};
   TORCH_CHECK(attn.is_contiguous() && attn.sizes() == at::IntArrayRef(maps) && grad_attn.is_contiguous() &&
                   grad_attn.sizes() == at::IntArrayRef(maps),
@@ -293,7 +264,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
       const int64_t b = i / tail.blocks(), p0 = (i % tail.blocks()) * kBlock;
       const int64_t n = std::min(kBlock, P - p0);
       tail.hidden_block(b, p0, n, md, sd, betad, h.data(), c.data());
-      activation_backward_block(tail, ad + b * GK * P + p0, gad + b * GK * P + p0, n, dz.data());
+      activation_backward_block(tail, static_cast<Act>(act), groups, ad + b * GK * P + p0, gad + b * GK * P + p0,
+                                n, dz.data());
       for (int64_t k = 0; k < GK; ++k) {
         const T* dzk = dz.data() + k * kBlock;
         T s = 0;
@@ -407,19 +379,17 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
 
 // local (B, M, P), glob (B, M) or None, the fusion norm's mean and invstd
 // (M',; None: batch statistics), gamma and beta (M',) or None, head weight
-// (G*K, M') and bias (G*K,) -> [A (B, G*K, P), mean (M'), biased var (M';
+// (G*K, M') and bias (G*K,) -> [Z (B, G*K, P), mean (M'), biased var (M';
 // undefined when mean was given)].
 std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                      int64_t fusion, const std::optional<at::Tensor>& mean,
                                      const std::optional<at::Tensor>& invstd,
                                      const std::optional<at::Tensor>& gamma,
                                      const std::optional<at::Tensor>& beta, double eps,
-                                     const at::Tensor& weight, const at::Tensor& bias, int64_t act,
-                                     int64_t groups) {
+                                     const at::Tensor& weight, const at::Tensor& bias) {
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(local.scalar_type(), "tail_forward", [&] {
-    result = forward_impl<scalar_t>(local, glob, fusion, mean, invstd, gamma, beta, eps, weight, bias, act,
-                                    groups);
+    result = forward_impl<scalar_t>(local, glob, fusion, mean, invstd, gamma, beta, eps, weight, bias);
   });
   return result;
 }
@@ -445,6 +415,6 @@ std::vector<at::Tensor> tail_backward(const at::Tensor& local, const std::option
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The AIK attention generator's tail (fusion, fusion norm, head, activation) on CPU";
-  m.def("forward", &tail_forward, "the attention from the local maps and the global vector");
+  m.def("forward", &tail_forward, "the attention logits from the local maps and the global vector");
   m.def("backward", &tail_backward, "the tail's gradients from the attention's");
 }
