@@ -118,6 +118,22 @@ def test_values_gradients_and_statistics_match_the_modules(
         assert gen.fuse_norm.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize('options', [
+    dict(),
+    dict(fusion='mul'),
+    dict(act='softmax', attn_groups=2),
+])
+def test_maps_of_several_blocks_match_the_modules(options, generator_path):
+    """23 * 25 positions: the compiled tail's passes run over blocks of 256
+    positions, so these maps take two full blocks and a partial one. ('cat'
+    is left to the small maps above: its global channels are constant over
+    the positions, and on maps this large the fusion norm's gradient for
+    them cancels down to ~1e-9 relative on both paths.)"""
+    gen = make_generator(**options)
+    x = torch.randn(2, 16, 23, 25, dtype=DTYPE) + 0.5
+    assert_same_state(*run_both(gen, x, steps=2))
+
+
 @pytest.mark.parametrize('momentum', [0.1, None])
 def test_running_statistics_over_two_steps(momentum):
     gen = make_generator()

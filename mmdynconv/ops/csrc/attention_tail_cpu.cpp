@@ -174,27 +174,28 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
     T* md = mean.data_ptr<T>();
     T* vd = var.data_ptr<T>();
     const double count = double(tail.batch) * tail.positions;
+    // two passes, the mean and then the centred squares (as the torch path)
     at::parallel_for(0, tail.hidden, 1, [&](int64_t j0, int64_t j1) {
       std::vector<T> f(kBlock);
-      for (int64_t j = j0; j < j1; ++j) {
-        double sum = 0, squares = 0;
+      // the sum of term(F[b, j, p]) over the batch and positions
+      const auto fused_sum = [&](int64_t j, const auto& term) {
+        double total = 0;
         for (int64_t b = 0; b < tail.batch; ++b) {
           for (int64_t p0 = 0; p0 < tail.positions; p0 += kBlock) {
             const int64_t n = std::min(kBlock, tail.positions - p0);
             tail.fused_row(b, j, p0, n, f.data());
-            T s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-            for (int64_t p = 0; p < n; ++p) {
-              s += f[p];
-              q += f[p] * f[p];
-            }
-            sum += s;
-            squares += q;
+            T s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t p = 0; p < n; ++p) s += term(f[p]);
+            total += s;
           }
         }
-        const double mu = sum / count;
-        md[j] = static_cast<T>(mu);
-        vd[j] = static_cast<T>(std::max(0.0, squares / count - mu * mu));
+        return total;
+      };
+      for (int64_t j = j0; j < j1; ++j) {
+        const T mu = static_cast<T>(fused_sum(j, [](T v) { return v; }) / count);
+        md[j] = mu;
+        vd[j] = static_cast<T>(fused_sum(j, [mu](T v) { return (v - mu) * (v - mu); }) / count);
       }
     });
     scale = (var + eps).rsqrt_();
