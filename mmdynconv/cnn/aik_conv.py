@@ -3,6 +3,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from mmdynconv.ops import aik_conv2d
+from . import fused_layer
 from .aik_attention import AIKAttention
 
 
@@ -84,6 +85,9 @@ class AIKConv2d(nn.Conv2d):
         return self.generator(x, self.output_size(x))
 
     def forward(self, x: Tensor) -> Tensor:
+        geo = fused_layer.geometry(self, x)
+        if fused_layer.applies(self, x, geo):  # one autograd node (CPU)
+            return fused_layer.aik_layer(self, x, geo)
         return aik_conv2d(x, self.attention(x), self.weight, self.bias,
                           self.stride, self.padding, self.dilation,
                           self.groups)

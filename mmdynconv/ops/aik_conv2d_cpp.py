@@ -20,7 +20,7 @@ tensors; everything else runs on the torch path (``AIKConv2dFunction``). The
 extension is built by ``pip install`` (setup.py); :data:`AVAILABLE` is False
 when it was not.
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -52,39 +52,53 @@ def _conv_args(geo: ConvGeometry):
     return geo.stride, geo.padding, geo.dilation, TILE_ELEMENTS, THREAD_ELEMENTS
 
 
+def compiled_forward(input: Tensor, attn: Tensor, weight: Tensor,
+                     bias: Optional[Tensor], geo: ConvGeometry) -> Tensor:
+    """The op by the extension (no autograd), in input's layout."""
+    out = _aik_cpu.forward(input.contiguous(), attn.contiguous(),
+                           weight.contiguous(), *_conv_args(geo))
+    if bias is not None:
+        out.add_(bias.view(1, -1, 1, 1))
+    return in_layout_of(out, input)
+
+
+def compiled_backward(grad_out: Tensor, input: Tensor, attn: Tensor,
+                      weight: Tensor, has_bias: bool, geo: ConvGeometry,
+                      needs) -> List[Optional[Tensor]]:
+    """Gradients of input (in its layout), attn, weight and bias from that of
+    the output; needs: which of the four (None where not)."""
+    need_input, need_attn, need_weight, need_bias = needs
+    grad_input, grad_attn, grad_weight = _aik_cpu.backward(
+        grad_out.contiguous(), input.contiguous(), attn.contiguous(),
+        weight.contiguous(), *_conv_args(geo), need_input, need_attn,
+        need_weight)
+    if need_input:
+        grad_input = in_layout_of(grad_input, input)
+    grad_bias = None
+    if has_bias and need_bias:
+        grad_bias = grad_out.sum((0, 2, 3))
+    return [
+        grad_input if need_input else None,
+        grad_attn if need_attn else None,
+        grad_weight if need_weight else None, grad_bias
+    ]
+
+
 class AIKConv2dCppFunction(torch.autograd.Function):
     """Autograd around the extension; saves only (input, attn, weight)."""
 
     @staticmethod
     def forward(ctx, input: Tensor, attn: Tensor, weight: Tensor,
                 bias: Optional[Tensor], geo: ConvGeometry) -> Tensor:
-        ctx.geo = geo
-        ctx.has_bias = bias is not None
+        ctx.geo, ctx.has_bias = geo, bias is not None
         ctx.save_for_backward(input, attn, weight)
-        out = _aik_cpu.forward(input.contiguous(), attn.contiguous(),
-                               weight.contiguous(), *_conv_args(geo))
-        if bias is not None:
-            out.add_(bias.view(1, -1, 1, 1))
-        return in_layout_of(out, input)
+        return compiled_forward(input, attn, weight, bias, geo)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        input, attn, weight = ctx.saved_tensors
-        need_input, need_attn, need_weight, need_bias = \
-            ctx.needs_input_grad[:4]
-        grad_input, grad_attn, grad_weight = _aik_cpu.backward(
-            grad_out.contiguous(), input.contiguous(), attn.contiguous(),
-            weight.contiguous(), *_conv_args(ctx.geo), need_input, need_attn,
-            need_weight)
-        if need_input:
-            grad_input = in_layout_of(grad_input, input)
-        grad_bias = None
-        if ctx.has_bias and need_bias:
-            grad_bias = grad_out.sum((0, 2, 3))
-        return (grad_input if need_input else None,
-                grad_attn if need_attn else None,
-                grad_weight if need_weight else None, grad_bias, None)
+        return (*compiled_backward(grad_out, *ctx.saved_tensors, ctx.has_bias,
+                                   ctx.geo, ctx.needs_input_grad[:4]), None)
 
 
 def aik_conv2d_cpp(input: Tensor, attn: Tensor, weight: Tensor,
