@@ -193,25 +193,29 @@ def _normalise(norm: nn.BatchNorm2d, centred: Tensor,
     return torch.addcmul(norm.bias[:, None], centred, scale[:, None])
 
 
-def _norm_backward(norm: nn.BatchNorm2d, stats: _Stats, scale: Tensor,
-                   count: int, grad_sum: Tensor, grad_dot: Tensor):
-    """Batch norm backward from two reductions of the gradient g at its
-    output: grad_sum = sum_n g and grad_dot = sum_n g * (input - mean), (C,).
+def _statistics_terms(norm: nn.BatchNorm2d, stats: _Stats, scale: Tensor,
+                      count: int) -> Optional[Tensor]:
+    """A batch norm's backward through its batch statistics, per channel:
+    with g the gradient at its output and count values per channel,
 
-    Returns:
-        The gradients of the norm's weight and bias (None without affine),
-        and per-channel (e, f) with
-        grad_input = g * scale + (input - mean) * e + f
-        ((None, None) with running statistics, where they vanish).
-    """
-    grad_weight = grad_dot * stats.invstd
-    e = f = None
-    if uses_batch_statistics(norm):
-        e = (scale * stats.invstd).mul_(grad_weight).div_(-count)
-        f = scale * grad_sum / -count
+        grad_input = g * scale + t[:, 0] * sum(g * (input - mean))
+                     * (input - mean) + t[:, 1] * sum(g),
+
+    t (C, 2) returned; None with running statistics, where the terms
+    vanish."""
+    if not uses_batch_statistics(norm):
+        return None
+    return torch.stack([scale * stats.invstd.square(), scale], 1).div_(-count)
+
+
+def _norm_param_grads(norm: nn.BatchNorm2d, stats: _Stats, grad_sum: Tensor,
+                      grad_dot: Tensor):
+    """The gradients of a batch norm's weight and bias (None without
+    affine) from grad_sum = sum g and grad_dot = sum g * (input - mean),
+    (C,), g the gradient at its output."""
     if norm.weight is None:
-        return None, None, e, f
-    return grad_weight, grad_sum, e, f
+        return None, None
+    return grad_dot * stats.invstd, grad_sum
 
 
 # --- the generator, forward --------------------------------------------------
@@ -415,13 +419,17 @@ def _tail_backward(gen: nn.Module, tail: _Tail, grad_logits: Tensor):
     # the ReLU's backward, from its output
     grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, tail.hidden,
                                                     0)
-    grad_gamma, grad_beta, e, f = _norm_backward(
-        gen.fuse_norm, tail.stats, tail.scale,
-        grad_hidden.numel() // grad_hidden.shape[1], grad_hidden.sum((0, 2)),
-        (grad_hidden * tail.centred).sum((0, 2)))
+    grad_sum = grad_hidden.sum((0, 2))
+    grad_dot = (grad_hidden * tail.centred).sum((0, 2))
+    terms = _statistics_terms(gen.fuse_norm, tail.stats, tail.scale,
+                              grad_hidden.numel() // grad_hidden.shape[1])
     grad_fused = grad_hidden.mul_(tail.scale[:, None])
-    if e is not None:
-        grad_fused += torch.addcmul(f[:, None], tail.centred, e[:, None])
+    if terms is not None:
+        grad_fused += torch.addcmul((terms[:, 1] * grad_sum)[:, None],
+                                    tail.centred,
+                                    (terms[:, 0] * grad_dot)[:, None])
+    grad_gamma, grad_beta = _norm_param_grads(gen.fuse_norm, tail.stats,
+                                              grad_sum, grad_dot)
     grad_local, grad_glob = _combine_backward(gen, tail, grad_fused)
     return (grad_local, grad_glob, grad_gamma, grad_beta,
             grad_head.view_as(gen.head.weight), grad_logits.sum((0, 2)))
@@ -444,12 +452,17 @@ def _attention_backward(gen: nn.Module, local_maps: Tensor,
         return _tail_backward(gen, tail, grad_logits)
     norm = gen.fuse_norm
     glob = _global(gen, pooled)
-    *grads, grad_head, grad_head_b = attention_tail.tail_backward(
-        local_maps, glob, _fusion(gen, glob), stats,
-        uses_batch_statistics(norm), norm.weight, norm.bias,
-        gen.head.weight.flatten(1), _flat(attn), _flat(grad_attn), gen.act,
-        gen.attn_groups)
-    return (*grads, grad_head.view_as(gen.head.weight), grad_head_b)
+    scale = _scale(norm, stats)
+    terms = _statistics_terms(norm, stats, scale,
+                              local_maps.shape[0] * local_maps.shape[2])
+    (grad_local, grad_glob, grad_sum, grad_dot, grad_head,
+     grad_head_b) = attention_tail.tail_backward(
+         local_maps, glob, _fusion(gen, glob), stats.mean, scale, terms,
+         norm.bias, gen.head.weight.flatten(1), _flat(attn),
+         _flat(grad_attn), gen.act, gen.attn_groups)
+    return (grad_local, grad_glob,
+            *_norm_param_grads(norm, stats, grad_sum, grad_dot),
+            grad_head.view_as(gen.head.weight), grad_head_b)
 
 
 def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
@@ -470,15 +483,11 @@ def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
     batch, _, positions = grad_local.shape
     count = batch * positions
     grad_norm = torch.bmm(weight.t().expand(batch, -1, -1), grad_local)
-    stat = None
-    if uses_batch_statistics(norm):
-        # e and f of _norm_backward per unit of sum g * z and of sum g
-        stat = torch.stack([scale * stats.invstd.square(), scale],
-                           1).div_(-count)
     grad_x, grad_dw, centred = depthwise_context_backward(
         grad_norm.view(*x.shape[:2], *_local_out_size(gen, x)), x,
         conv.weight, conv.stride, conv.padding, conv.dilation, stats.mean,
-        scale, stat, grad_pooled, needs)
+        scale, _statistics_terms(norm, stats, scale, count), grad_pooled,
+        needs)
     cross = torch.bmm(grad_local, centred.view(batch, -1,
                                                positions).transpose(1,
                                                                     2)).sum(0)
@@ -486,9 +495,8 @@ def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
     grad_proj = cross * scale
     if norm.bias is not None:
         grad_proj += torch.outer(grad_sum, norm.bias)
-    grad_gamma, grad_beta, _, _ = _norm_backward(norm, stats, scale, count,
-                                                 grad_sum @ weight,
-                                                 (cross * weight).sum(0))
+    grad_gamma, grad_beta = _norm_param_grads(norm, stats, grad_sum @ weight,
+                                              (cross * weight).sum(0))
     return (grad_x, grad_dw, grad_gamma, grad_beta,
             grad_proj.view_as(gen.local_proj.weight))
 

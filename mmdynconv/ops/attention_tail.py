@@ -47,22 +47,24 @@ def tail_forward(local: Tensor, glob: Optional[Tensor], fusion: Optional[str],
 
 
 def tail_backward(local: Tensor, glob: Optional[Tensor],
-                  fusion: Optional[str], stats: Tuple[Tensor, Tensor],
-                  batch_stats: bool, gamma: Optional[Tensor],
-                  beta: Optional[Tensor], weight: Tensor, attn: Tensor,
-                  grad_attn: Tensor, act: str,
+                  fusion: Optional[str], mean: Tensor, scale: Tensor,
+                  stat: Optional[Tensor], beta: Optional[Tensor],
+                  weight: Tensor, attn: Tensor, grad_attn: Tensor, act: str,
                   groups: int) -> List[Optional[Tensor]]:
     """The gradients of :func:`tail_forward` followed by the activation act
     (over ``groups`` groups of taps), from A and dA (B, G*K, P), with the
-    norm's (mean, invstd) and whether they were the batch's.
+    norm's mean and scale (gamma * invstd) (M',) and its batch-statistics
+    terms stat (M', 2) or None: the gradient at the fusion is
+    dN * scale + stat[:, 0] * sum(dN * centred) * centred
+    + stat[:, 1] * sum(dN), dN the gradient at the norm's output.
 
     Returns:
-        [grad_local, grad_glob, grad_gamma, grad_beta, grad_weight,
-        grad_bias] (None for what the call had not).
+        [grad_local, grad_glob (None without), sum(dN), sum(dN * centred)
+        (M',), grad_weight, grad_bias].
     """
     return _attention_tail_cpu.backward(local.contiguous(), glob,
-                                        FUSIONS[fusion], *stats, batch_stats,
-                                        gamma, beta, weight.contiguous(),
+                                        FUSIONS[fusion], mean, scale, stat,
+                                        beta, weight.contiguous(),
                                         attn.contiguous(),
                                         grad_attn.contiguous(),
                                         ACTIVATIONS[act], groups)

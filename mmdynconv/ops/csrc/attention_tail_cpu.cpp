@@ -227,8 +227,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
 // The backward on one dtype (see tail_backward).
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::optional<at::Tensor>& glob,
-                                      int64_t fusion, const at::Tensor& mean, const at::Tensor& invstd,
-                                      bool batch_stats, const std::optional<at::Tensor>& gamma,
+                                      int64_t fusion, const at::Tensor& mean, const at::Tensor& scale,
+                                      const std::optional<at::Tensor>& stat_terms,
                                       const std::optional<at::Tensor>& beta, const at::Tensor& weight,
                                       const at::Tensor& attn, const at::Tensor& grad_attn, int64_t act,
                                       int64_t groups) {
@@ -239,11 +239,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
                   grad_attn.sizes() == at::IntArrayRef(maps),
               "attn and grad_attn must be contiguous (B, G*K, P) tensors");
   const int64_t M2 = tail.hidden, GK = tail.logits, P = tail.positions;
-  TORCH_CHECK(mean.is_contiguous() && invstd.is_contiguous() && mean.numel() == tail.hidden &&
-                  invstd.numel() == tail.hidden,
-              "mean and invstd must be contiguous (M',) tensors");
-  const bool affine = gamma.has_value() && gamma->defined();
-  const at::Tensor scale = affine ? invstd * *gamma : invstd;
+  TORCH_CHECK(mean.is_contiguous() && scale.is_contiguous() && mean.numel() == tail.hidden &&
+                  scale.numel() == tail.hidden,
+              "mean and scale must be contiguous (M',) tensors");
+  const at::Tensor stat = stat_terms.value_or(at::Tensor());
+  TORCH_CHECK(!stat.defined() || (stat.is_contiguous() && stat.sizes() == at::IntArrayRef({tail.hidden, 2})),
+              "stat must be a contiguous (M', 2) tensor");
   const T* md = mean.data_ptr<T>();
   const T* sd = scale.data_ptr<T>();
   const T* betad = optional_data<T>(beta);
@@ -310,14 +311,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
   }
   const double* grad_sum = total.data() + GK * M2 + GK;
   const double* grad_dot = grad_sum + M2;
-  const T* invd = invstd.data_ptr<T>();
-  const double count = double(tail.batch) * P;
   // dF = dN * scale + e * centred + f
   std::vector<T> e(M2, T(0)), f(M2, T(0));
-  if (batch_stats) {
+  if (stat.defined()) {
+    const T* std_ = stat.data_ptr<T>();
     for (int64_t j = 0; j < M2; ++j) {
-      e[j] = static_cast<T>(-sd[j] * invd[j] * invd[j] * grad_dot[j] / count);
-      f[j] = static_cast<T>(-sd[j] * grad_sum[j] / count);
+      e[j] = static_cast<T>(std_[2 * j] * grad_dot[j]);
+      f[j] = static_cast<T>(std_[2 * j + 1] * grad_sum[j]);
     }
   }
   const int64_t M = tail.local_channels;
@@ -364,16 +364,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
   T* gbd = grad_bias.data_ptr<T>();
   for (int64_t k = 0; k < GK * M2; ++k) gwd[k] = static_cast<T>(total[k]);
   for (int64_t k = 0; k < GK; ++k) gbd[k] = static_cast<T>(total[GK * M2 + k]);
-  at::Tensor grad_gamma, grad_beta;
-  if (affine) {
-    grad_gamma = at::empty({M2}, local.options());
-    grad_beta = at::empty({M2}, local.options());
-    for (int64_t j = 0; j < M2; ++j) {
-      grad_gamma.data_ptr<T>()[j] = static_cast<T>(grad_dot[j] * invd[j]);
-      grad_beta.data_ptr<T>()[j] = static_cast<T>(grad_sum[j]);
-    }
+  at::Tensor sums_out = at::empty({2, M2}, local.options());  // sum dN, sum dN * centred
+  T* sod = sums_out.data_ptr<T>();
+  for (int64_t j = 0; j < M2; ++j) {
+    sod[j] = static_cast<T>(grad_sum[j]);
+    sod[M2 + j] = static_cast<T>(grad_dot[j]);
   }
-  return {grad_local, grad_glob, grad_gamma, grad_beta, grad_weight, grad_bias};
+  return {grad_local, grad_glob, sums_out[0], sums_out[1], grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -396,20 +393,22 @@ std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optiona
 }
 
 // The backward of tail_forward from A and dA (B, G*K, P), with the fusion
-// norm's mean and invstd (M',) and whether they were the batch's.
-// -> [grad_local (B, M, P), grad_glob (B, M; undefined without), grad_gamma,
-// grad_beta (M'; undefined without affine), grad_weight (G*K, M'),
-// grad_bias (G*K,)].
+// norm's mean and scale (M',) and its batch-statistics terms stat (M', 2) or
+// None: the gradient at the fusion is dN * scale + stat[j][0] *
+// sum(dN * centred) * centred + stat[j][1] * sum(dN), dN the gradient at the
+// norm's output.
+// -> [grad_local (B, M, P), grad_glob (B, M; undefined without),
+// sum(dN), sum(dN * centred) (M',), grad_weight (G*K, M'), grad_bias (G*K,)].
 std::vector<at::Tensor> tail_backward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
-                                      int64_t fusion, const at::Tensor& mean, const at::Tensor& invstd,
-                                      bool batch_stats, const std::optional<at::Tensor>& gamma,
+                                      int64_t fusion, const at::Tensor& mean, const at::Tensor& scale,
+                                      const std::optional<at::Tensor>& stat_terms,
                                       const std::optional<at::Tensor>& beta, const at::Tensor& weight,
                                       const at::Tensor& attn, const at::Tensor& grad_attn, int64_t act,
                                       int64_t groups) {
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(local.scalar_type(), "tail_backward", [&] {
-    result = backward_impl<scalar_t>(local, glob, fusion, mean, invstd, batch_stats, gamma, beta, weight, attn,
-                                     grad_attn, act, groups);
+    result = backward_impl<scalar_t>(local, glob, fusion, mean, scale, stat_terms, beta, weight, attn, grad_attn,
+                                     act, groups);
   });
   return result;
 }
