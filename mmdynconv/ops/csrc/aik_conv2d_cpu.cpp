@@ -37,6 +37,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -329,83 +330,103 @@ void zero_side_columns(const Geometry& g, int64_t dj, int64_t first, int64_t las
   }
 }
 
-// One (channel, tap) row of the part in P (the matrix at m):
-// P[c*K + t, r] = attn[a(c), t, r] * x[c, window(r, t)], zero in the padding.
+// Runs over one (channel, tap) row at output positions r0 + k and input
+// pixels x0 + k, lo <= k < hi (a, q, p, ga indexed by output position; src,
+// gx by input pixel).
+
+// P's row: p = a * src.
 template <typename scalar_t>
-void build_row(const Geometry& g, const Band& part, const TapRow& row, const TileData<scalar_t>& d,
-               scalar_t* matrix) {
+void patch_run(int64_t r0, int64_t x0, int64_t lo, int64_t hi, const scalar_t* a, const scalar_t* src,
+               scalar_t* p) {
+#pragma omp simd
+  for (int64_t k = lo; k < hi; ++k) p[r0 + k] = a[r0 + k] * src[x0 + k];
+}
+
+// From Q's row: ga += q * src, gx += a * q, each where its flag is set, in
+// one loop (with P's row in it too, the loop measured slower than two).
+template <bool kGradAttn, bool kGradX, typename scalar_t>
+void grad_run(int64_t r0, int64_t x0, int64_t lo, int64_t hi, const scalar_t* a, const scalar_t* src,
+              const scalar_t* q, scalar_t* ga, scalar_t* gx) {
+#pragma omp simd
+  for (int64_t k = lo; k < hi; ++k) {
+    if constexpr (kGradAttn) ga[r0 + k] += q[r0 + k] * src[x0 + k];
+    if constexpr (kGradX) gx[x0 + k] += a[r0 + k] * q[r0 + k];
+  }
+}
+
+// One (channel, tap) row of the part:
+// with kPatches, P[c*K + t, r] = attn[a(c), t, r] * x[c, window(r, t)] into
+// `patches` (zero in the padding); from Q[c*K + t, r] = sum_o w[o, c, t] * dy[o, r]
+// in d.matrix, with kGradAttn, grad_attn[a, t, r] += sum_{c in a} Q * x[c, window(r, t)]
+// (before the tap mask), and with kGradX, grad_x[c, window(r, t)] += attn[a(c), t, r] * Q.
+template <bool kPatches, bool kGradAttn, bool kGradX, typename scalar_t>
+void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const TileData<scalar_t>& d,
+                  scalar_t* patches) {
   const int64_t part_begin = part.oh0 * g.out_w, part_end = part.oh1 * g.out_w;
-  // m, a, src: indexed by output position (oh, ow) -> oh*W_out + ow of the image
-  scalar_t* m = matrix + row.matrix_offset - part_begin;
+  // p, q, a, ga: indexed by output position (oh, ow) -> oh*W_out + ow of the
+  // image; src, gx: by the plane pixel oh*plane_w + ow that position reads
+  scalar_t* p = kPatches ? patches + (row.matrix_offset - part_begin) : nullptr;
+  const scalar_t* q = kGradAttn || kGradX ? d.matrix + (row.matrix_offset - part_begin) : nullptr;
   const scalar_t* a = d.attn + row.attn_offset;
+  scalar_t* ga = kGradAttn ? d.grad_attn + row.attn_offset : nullptr;
   const scalar_t* src = d.x + row.x_offset;
+  scalar_t* gx = kGradX ? d.grad_x + row.x_offset : nullptr;
   if (flat_runs(g)) {
     const auto [begin, end] = flat_run(g, row, part);
-    std::fill(m + part_begin, m + begin, scalar_t(0));
-#pragma omp simd
-    for (int64_t k = begin; k < end; ++k) m[k] = a[k] * src[k];
-    std::fill(m + end, m + part_end, scalar_t(0));
+    if constexpr (kPatches) {
+      std::fill(p + part_begin, p + begin, scalar_t(0));
+      std::fill(p + end, p + part_end, scalar_t(0));
+    }
+    if constexpr (kPatches) patch_run(0, 0, begin, end, a, src, p);
+    grad_run<kGradAttn, kGradX>(0, 0, begin, end, a, src, q, ga, gx);
     return;
   }
   const auto [first, last] = inside_rows(g, part, row.di);
-  std::fill(m + part_begin, m + first * g.out_w, scalar_t(0));
-  std::fill(m + last * g.out_w, m + part_end, scalar_t(0));
   const auto [lo, hi] = inside_columns(g, row.dj);
-  zero_side_columns(g, row.dj, first, last, m);
+  if constexpr (kPatches) {
+    std::fill(p + part_begin, p + first * g.out_w, scalar_t(0));
+    std::fill(p + last * g.out_w, p + part_end, scalar_t(0));
+    zero_side_columns(g, row.dj, first, last, p);
+  }
   for (int64_t oh = first; oh < last; ++oh) {
-    scalar_t* m_row = m + oh * g.out_w;
-    const scalar_t* a_row = a + oh * g.out_w;
-    const scalar_t* src_row = src + oh * g.plane_w;
-#pragma omp simd
-    for (int64_t ow = lo; ow < hi; ++ow) m_row[ow] = a_row[ow] * src_row[ow];
+    const int64_t r0 = oh * g.out_w, x0 = oh * g.plane_w;
+    if constexpr (kPatches) patch_run(r0, x0, lo, hi, a, src, p);
+    grad_run<kGradAttn, kGradX>(r0, x0, lo, hi, a, src, q, ga, gx);
   }
 }
 
 // The part's rows of P into d.matrix.
 template <typename scalar_t>
 void build_patches(const Geometry& g, const Tile& tile, const Band& part, const TileData<scalar_t>& d) {
-  for_each_tap_row(g, tile, part, [&](const TapRow& row) { build_row(g, part, row, d, d.matrix); });
+  for_each_tap_row(g, tile, part, [&](const TapRow& row) {
+    tap_row_pass<true, false, false>(g, part, row, d, d.matrix);
+  });
 }
 
-// From Q[c*K + t, r] = sum_o w[o, c, t] * dy[o, r]:
-// grad_attn[a, t, r] += sum_{c in a} Q * x[c, window(r, t)] (before the tap mask);
-// grad_x[c, window(r, t)] += attn[a(c), t, r] * Q;
-// and the part's rows of P into d.patches when given (one pass for both).
+// Calls fn(std::bool_constant<flag>{}).
+template <typename Fn>
+void with_flag(bool flag, const Fn& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// From Q in d.matrix, the part's attention and input gradients into
+// d.grad_attn and d.grad_x, and its rows of P into d.patches, each when
+// given (see tap_row_pass).
 template <typename scalar_t>
 void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
                         const TileData<scalar_t>& d) {
-  for_each_tap_row(g, tile, part, [&](const TapRow& row) {
-    if (d.patches) build_row(g, part, row, d, d.patches);
-    const scalar_t* q = d.matrix + row.matrix_offset - part.oh0 * g.out_w;
-    const scalar_t* a = d.attn + row.attn_offset;
-    const scalar_t* src = d.x + row.x_offset;
-    scalar_t* ga = d.grad_attn ? d.grad_attn + row.attn_offset : nullptr;
-    scalar_t* gx = d.grad_x ? d.grad_x + row.x_offset : nullptr;
-    if (flat_runs(g)) {
-      const auto [begin, end] = flat_run(g, row, part);
-      if (ga) {
-#pragma omp simd
-        for (int64_t k = begin; k < end; ++k) ga[k] += q[k] * src[k];
-      }
-      if (gx) {
-#pragma omp simd
-        for (int64_t k = begin; k < end; ++k) gx[k] += a[k] * q[k];
-      }
-      return;
-    }
-    const auto [first, last] = inside_rows(g, part, row.di);
-    const auto [lo, hi] = inside_columns(g, row.dj);
-    for (int64_t oh = first; oh < last; ++oh) {
-      const int64_t r = oh * g.out_w, x_row = oh * g.plane_w;
-      if (ga) {
-#pragma omp simd
-        for (int64_t ow = lo; ow < hi; ++ow) ga[r + ow] += q[r + ow] * src[x_row + ow];
-      }
-      if (gx) {
-#pragma omp simd
-        for (int64_t ow = lo; ow < hi; ++ow) gx[x_row + ow] += a[r + ow] * q[r + ow];
-      }
-    }
+  with_flag(d.patches != nullptr, [&](auto patches) {
+    with_flag(d.grad_attn != nullptr, [&](auto grad_attn) {
+      with_flag(d.grad_x != nullptr, [&](auto grad_x) {
+        for_each_tap_row(g, tile, part, [&](const TapRow& row) {
+          tap_row_pass<patches(), grad_attn(), grad_x()>(g, part, row, d, d.patches);
+        });
+      });
+    });
   });
 }
 
