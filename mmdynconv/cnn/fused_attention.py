@@ -16,13 +16,15 @@ z * a + beta per channel, a = gamma * invstd, so
     local = (W1 * a) @ z + W1 @ beta,
 
 and the normalised C-channel map is never built. The local maps (B, M, P)
-are kept for backward. From their gradient dlocal, the gradient at the
-norm's output is u = W1^T @ dlocal (one batched GEMM); one pass per channel
-(:func:`mmdynconv.ops.depthwise_context_backward`) recomputes z, adds the
-norm's terms through its batch statistics (from sum u * z and sum u) and
-gives the gradients of x and of the depthwise weight, and z, from which
+are kept for backward. From their gradient dlocal, one pass per channel
+(:func:`mmdynconv.ops.depthwise_context_backward`) recomputes z, forms the
+gradient at the norm's output u = W1^T @ dlocal, adds the norm's terms
+through its batch statistics (from sum u * z and sum u) and gives the
+gradients of x and of the depthwise weight, and
 
-    S = sum_b dlocal_b @ z_b^T (M, C),  dW1 = S * a + (sum dlocal) beta^T.
+    S = sum_b dlocal_b @ z_b^T (M, C),  dW1 = S * a + (sum dlocal) beta^T,
+
+so that no C-channel map but x's gradient is written.
 
 The tail (fusion, fusion norm, ReLU, head, activation) works on M or fewer
 channels and is differentiated by hand from the kept local maps and the
@@ -467,10 +469,11 @@ def _attention_backward(gen: nn.Module, local_maps: Tensor,
 
 def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
                     grad_local: Tensor, grad_pooled: Optional[Tensor],
-                    needs: List[bool]):
+                    needs: List[bool], grad_x_into: Optional[Tensor]):
     """Backward of local = local_proj(local_norm(local_conv(x))) from its
     gradient (B, M, P), and of the pooled input from grad_pooled (B, C; None
-    without a global branch).
+    without a global branch); x's gradient is added to grad_x_into when
+    given (see :func:`_backward`).
 
     Returns:
         The gradients of x and of local_conv's weight (None where ``needs``
@@ -480,17 +483,12 @@ def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
     norm, conv = gen.local_norm, gen.local_conv
     scale = _scale(norm, stats)
     weight = gen.local_proj.weight.flatten(1)
-    batch, _, positions = grad_local.shape
-    count = batch * positions
-    grad_norm = torch.bmm(weight.t().expand(batch, -1, -1), grad_local)
-    grad_x, grad_dw, centred = depthwise_context_backward(
-        grad_norm.view(*x.shape[:2], *_local_out_size(gen, x)), x,
-        conv.weight, conv.stride, conv.padding, conv.dilation, stats.mean,
-        scale, _statistics_terms(norm, stats, scale, count), grad_pooled,
-        needs)
-    cross = torch.bmm(grad_local, centred.view(batch, -1,
-                                               positions).transpose(1,
-                                                                    2)).sum(0)
+    count = grad_local.numel() // grad_local.shape[1]
+    grad_x, grad_dw, cross = depthwise_context_backward(
+        grad_local, weight, x, conv.weight, conv.stride, conv.padding,
+        conv.dilation, stats.mean, scale,
+        _statistics_terms(norm, stats, scale, count), grad_pooled, needs,
+        grad_x_into)
     grad_sum = grad_local.sum((0, 2))  # (M,)
     grad_proj = cross * scale
     if norm.bias is not None:
@@ -503,8 +501,13 @@ def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
 
 def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
               pooled: Optional[Tensor], local_maps: Tensor,
-              local_stats: _Stats, fuse_stats: _Stats, needs: List[bool]):
-    """Gradients of x and of :func:`fused_params`, in that order."""
+              local_stats: _Stats, fuse_stats: _Stats, needs: List[bool],
+              grad_x_into: Optional[Tensor] = None):
+    """Gradients of x and of :func:`fused_params`, in that order.
+
+    grad_x_into: None, or a contiguous tensor of x's shape and dtype to which
+    x's gradient is added in place (and which is returned as it), saving a
+    full-size tensor and a pass when x has another gradient already."""
     (grad_local, grad_glob, grad_fuse_w, grad_fuse_b, grad_head,
      grad_head_b) = _attention_backward(gen, local_maps, pooled, attn,
                                         grad_attn, fuse_stats)
@@ -513,7 +516,7 @@ def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
         grad_global = (grad_glob.t() @ pooled).view_as(gen.global_proj.weight)
         grad_pooled = grad_glob @ gen.global_proj.weight.flatten(1)
     return (*_local_backward(gen, x, local_stats, grad_local, grad_pooled,
-                             needs[:2]), grad_global, grad_fuse_w,
+                             needs[:2], grad_x_into), grad_global, grad_fuse_w,
             grad_fuse_b, grad_head, grad_head_b)
 
 

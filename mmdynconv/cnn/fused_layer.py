@@ -5,8 +5,8 @@ the compiled CPU path: the fused attention generator
 
 One node instead of two saves autograd's per-node cost, hands A's gradient
 from the op to the generator directly, and adds the generator's input
-gradient into the op's in place (autograd would sum the two into a new
-tensor). Autograd keeps what the two nodes would: x, A, the static weight,
+gradient into the op's in place, inside the generator's backward pass
+(autograd would sum the two into a new tensor). Autograd keeps what the two nodes would: x, A, the static weight,
 the generator's local maps and per-channel vectors.
 """
 import torch
@@ -60,11 +60,13 @@ class AIKLayerFunction(torch.autograd.Function):
             (gen_needs[0], need_attn, *ctx.needs_input_grad[2:4]))
         gen_grads = [None] * len(gen_needs)
         if need_attn:
+            into = grad_x is not None and grad_x.is_contiguous()
             gen_grads = _backward(ctx.gen, x, attn, grad_attn, pooled,
                                   local_maps, _Stats(*stats[:2]),
-                                  _Stats(*stats[2:]), gen_needs)
-        if grad_x is not None:
-            grad_x.add_(gen_grads[0])
+                                  _Stats(*stats[2:]), gen_needs,
+                                  grad_x if into else None)
+            if grad_x is not None and not into:
+                grad_x.add_(gen_grads[0])
         return (None, grad_x, grad_weight, grad_bias, None,
                 *(g if need else None
                   for g, need in zip(gen_grads[1:], gen_needs[1:])))

@@ -1,7 +1,7 @@
 """The full-resolution part of the AIK attention generator: a depthwise conv
 centred per channel, its batch statistics and the input's spatial mean, in
-one pass over x; and its backward through the norm that follows it, which
-recomputes the conv, in one pass.
+one pass over x; and its backward through the norm and the 1*1 projection
+that follow it, which recomputes the conv, in one pass.
 
 On CPU in float32/float64 the compiled extension ``_depthwise_cpu``
 (``csrc/depthwise_context_cpu.cpp``) does each direction in one pass over
@@ -62,43 +62,61 @@ def depthwise_context(x: Tensor,
 
 
 def depthwise_context_backward(
-        grad_norm: Tensor, x: Tensor, weight: Tensor, stride: Pair,
-        padding: Pair, dilation: Pair, mean: Tensor, scale: Tensor,
-        stat: Optional[Tensor], grad_pooled: Optional[Tensor],
-        needs: Tuple[bool, bool]) -> List[Optional[Tensor]]:
-    """The backward of n = z * scale + bias, z = the depthwise conv of x
-    (B, C, H, W) by weight (C, 1, kh, kw) minus mean (mean, scale: (C,)),
-    from u = grad_norm (B, C, H_out, W_out), the gradient at n.
+        grad_local: Tensor,
+        proj: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        stride: Pair,
+        padding: Pair,
+        dilation: Pair,
+        mean: Tensor,
+        scale: Tensor,
+        stat: Optional[Tensor],
+        grad_pooled: Optional[Tensor],
+        needs: Tuple[bool, bool],
+        grad_x_into: Optional[Tensor] = None) -> List[Optional[Tensor]]:
+    """The backward of local = proj @ n, n = z * scale + bias, z = the
+    depthwise conv of x (B, C, H, W) by weight (C, 1, kh, kw) minus mean
+    (mean, scale: (C,); proj (M, C)), from grad_local (B, M, H_out*W_out).
 
-    z is recomputed, and the gradient at the conv's output is, per channel,
+    z is recomputed, u = proj^T grad_local is the gradient at n, and the
+    gradient at the conv's output is, per channel,
 
         g = scale[c] * u + stat[c, 0] * <u, z>_c * z + stat[c, 1] * sum_c(u)
 
     (sums over the batch and positions; stat (C, 2) or None: a batch norm's
     terms through its batch statistics). grad_pooled (B, C) or None adds the
-    pooled mean's gradient to x's.
+    pooled mean's gradient to x's. x's gradient is added to grad_x_into (a
+    contiguous tensor of x's shape, returned) when given.
 
     Returns:
-        [grad_x, grad_weight] (None where needs says not needed) and z
-        (B, C, H_out, W_out).
+        [grad_x, grad_weight] (None where needs says not needed) and
+        cross = sum_b grad_local_b @ z_b^T (M, C), from which proj's
+        gradient follows.
     """
     if compiled(x):
         return _depthwise_cpu.backward(
-            grad_norm.contiguous(), x.contiguous(), weight.contiguous(),
-            stride, padding, dilation, mean.contiguous(), scale.contiguous(),
+            grad_local.contiguous(), proj.contiguous(), x.contiguous(),
+            weight.contiguous(), stride, padding, dilation,
+            mean.contiguous(), scale.contiguous(),
             stat if stat is None else stat.contiguous(),
             grad_pooled if grad_pooled is None else grad_pooled.contiguous(),
-            *needs)
-    z = F.conv2d(x, weight, -mean, stride, padding, dilation, x.shape[1])
-    grad_z = grad_norm * scale[:, None, None]
+            grad_x_into, *needs)
+    z_maps = F.conv2d(x, weight, -mean, stride, padding, dilation,
+                      x.shape[1])
+    z = z_maps.flatten(2)
+    u = torch.bmm(proj.t().expand(x.shape[0], -1, -1), grad_local)
+    grad_z = u * scale[:, None]
     if stat is not None:
-        zu = (grad_norm * z).sum((0, 2, 3))
-        u_sum = grad_norm.sum((0, 2, 3))
-        grad_z += torch.addcmul((stat[:, 1] * u_sum)[:, None, None], z,
-                                (stat[:, 0] * zu)[:, None, None])
+        zu = (u * z).sum((0, 2))
+        grad_z += torch.addcmul((stat[:, 1] * u.sum((0, 2)))[:, None], z,
+                                (stat[:, 0] * zu)[:, None])
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0],
-        x.shape[1], [needs[0], needs[1], False])
+        grad_z.view_as(z_maps), x, weight, None, stride, padding, dilation,
+        False, [0, 0], x.shape[1], [needs[0], needs[1], False])
     if needs[0] and grad_pooled is not None:
         grad_x = grad_x + (grad_pooled / x[0, 0].numel())[:, :, None, None]
-    return [grad_x, grad_weight, z]
+    if needs[0] and grad_x_into is not None:
+        grad_x = grad_x_into.add_(grad_x)
+    cross = torch.bmm(grad_local, z.transpose(1, 2)).sum(0)
+    return [grad_x, grad_weight, cross]

@@ -69,7 +69,8 @@ def test_forward_and_backward_match_autograd(generator_path, size, kernel,
     # the backward takes z's centring as constant (stat carries a norm's
     # terms through its statistics), so the reference differentiates the
     # uncentred conv with the gradient written out
-    u = torch.randn_like(centred)
+    grad_local, proj = local_gradient(z)
+    u = torch.einsum('mc,bmhw->bchw', proj, grad_local)
     grad_pooled = torch.randn_like(pooled)
     scale, stat = torch.randn(5, dtype=DTYPE), torch.randn(5, 2, dtype=DTYPE)
     fixed = z.detach() - mean_ref.detach()[:, None, None]
@@ -77,12 +78,20 @@ def test_forward_and_backward_match_autograd(generator_path, size, kernel,
          (stat[:, 0] * (u * fixed).sum((0, 2, 3)))[:, None, None] * fixed +
          (stat[:, 1] * u.sum((0, 2, 3)))[:, None, None])
     torch.autograd.backward([z, pooled], [g, grad_pooled])
-    grad_x, grad_w, recomputed = dc.depthwise_context_backward(
-        u, x, weight, *geo, mean_ref.detach(), scale, stat, grad_pooled,
-        (True, True))
+    grad_x, grad_w, cross = dc.depthwise_context_backward(
+        grad_local.flatten(2), proj, x, weight, *geo, mean_ref.detach(),
+        scale, stat, grad_pooled, (True, True))
     torch.testing.assert_close(grad_x, x_ref.grad, **TOL)
     torch.testing.assert_close(grad_w, w_ref.grad, **TOL)
-    torch.testing.assert_close(recomputed, fixed, **TOL)
+    torch.testing.assert_close(
+        cross, torch.einsum('bmhw,bchw->mc', grad_local, fixed), **TOL)
+
+
+def local_gradient(z, maps=3):
+    """A gradient of 3 local maps of z's size and the projection (3, C)
+    from z's channels to them."""
+    grad_local = torch.randn(z.shape[0], maps, *z.shape[2:], dtype=DTYPE)
+    return grad_local, torch.randn(maps, z.shape[1], dtype=DTYPE)
 
 
 @pytest.mark.parametrize('needs', [(True, False), (False, True)])
@@ -93,17 +102,40 @@ def test_backward_without_statistics_terms_or_pooled_gradient(
     x_ref = x.clone().requires_grad_()
     w_ref = weight.clone().requires_grad_()
     z = F.conv2d(x_ref, w_ref, None, *geo, groups=5)
-    u, scale = torch.randn_like(z), torch.randn(5, dtype=DTYPE)
-    z.backward(scale[:, None, None] * u)
-    *grads, recomputed = dc.depthwise_context_backward(
-        u, x, weight, *geo, torch.zeros(5, dtype=DTYPE), scale, None, None,
-        needs)
+    grad_local, proj = local_gradient(z, maps=1)
+    scale = torch.randn(5, dtype=DTYPE)
+    z.backward(scale[:, None, None] * proj.t()[None, :, :, None] * grad_local)
+    *grads, cross = dc.depthwise_context_backward(
+        grad_local.flatten(2), proj, x, weight, *geo,
+        torch.zeros(5, dtype=DTYPE), scale, None, None, needs)
     for grad, need, expected in zip(grads, needs, (x_ref.grad, w_ref.grad)):
         if need:
             torch.testing.assert_close(grad, expected, **TOL)
         else:
             assert grad is None
-    torch.testing.assert_close(recomputed, z.detach(), **TOL)
+    torch.testing.assert_close(
+        cross, torch.einsum('bmhw,bchw->mc', grad_local, z.detach()), **TOL)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_backward_adds_into_a_given_gradient(generator_path, stride):
+    geo = (stride, stride), (1, 1), (1, 1)
+    x, weight = inputs((9, 8), (3, 3))
+    z = F.conv2d(x, weight, None, *geo, groups=5)
+    grad_local, proj = local_gradient(z)
+    args = (grad_local.flatten(2), proj, x, weight, *geo,
+            torch.randn(5, dtype=DTYPE), torch.randn(5, dtype=DTYPE),
+            torch.randn(5, 2, dtype=DTYPE), torch.randn(3, 5,
+                                                        dtype=DTYPE))
+    alone, grad_w, cross = dc.depthwise_context_backward(*args, (True, True))
+    existing = torch.randn_like(x)
+    into = existing.clone()
+    summed, grad_w2, cross2 = dc.depthwise_context_backward(
+        *args, (True, True), into)
+    assert summed is into
+    torch.testing.assert_close(summed, existing + alone, **TOL)
+    torch.testing.assert_close(grad_w2, grad_w, **TOL)
+    torch.testing.assert_close(cross2, cross, **TOL)
 
 
 def test_float32_and_non_contiguous_input(generator_path):
@@ -125,14 +157,24 @@ def test_compiled_path_rejects_mismatched_shapes():
     with pytest.raises(RuntimeError, match='weight must be'):
         dc.depthwise_context(x, weight[:4], *geo)
     vector = torch.zeros(5, dtype=DTYPE)
-    with pytest.raises(RuntimeError, match='u must be'):
-        dc.depthwise_context_backward(torch.zeros(3, 5, 5, 6, dtype=DTYPE),
-                                      x, weight, *geo, vector, vector, None,
-                                      None, (True, True))
+    proj = torch.zeros(2, 5, dtype=DTYPE)
+    grad_local = torch.zeros(3, 2, 36, dtype=DTYPE)
+    with pytest.raises(RuntimeError, match='grad_local must be'):
+        dc.depthwise_context_backward(grad_local[:, :, :30], proj, x, weight,
+                                      *geo, vector, vector, None, None,
+                                      (True, True))
+    with pytest.raises(RuntimeError, match='proj must be'):
+        dc.depthwise_context_backward(grad_local, proj[:, :4], x, weight,
+                                      *geo, vector, vector, None, None,
+                                      (True, True))
     with pytest.raises(RuntimeError, match='stat must be'):
-        dc.depthwise_context_backward(torch.zeros(3, 5, 6, 6, dtype=DTYPE),
-                                      x, weight, *geo, vector, vector,
+        dc.depthwise_context_backward(grad_local, proj, x, weight, *geo,
+                                      vector, vector,
                                       torch.zeros(5, 3, dtype=DTYPE), None,
                                       (True, True))
+    with pytest.raises(RuntimeError, match='grad_x_into must be'):
+        dc.depthwise_context_backward(grad_local, proj, x, weight, *geo,
+                                      vector, vector, None, None,
+                                      (True, True), x[:, :, :5])
     with pytest.raises(RuntimeError, match='mean must be'):
         dc.depthwise_context(x, weight, *geo, torch.zeros(4, dtype=DTYPE))

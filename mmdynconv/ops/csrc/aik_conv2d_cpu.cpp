@@ -96,6 +96,8 @@ struct Schedule {
 // Patch-matrix elements per cache-resident tile buffer: 128 Ki (512 KiB in
 // float32), so that the two backward buffers of a thread stay within its L2.
 constexpr int64_t kTileElements = 1 << 17;
+// Input-plane elements per thread of the phase-plane conversions.
+constexpr int64_t kPlaneGrain = 1 << 15;
 // Tiles per thread below which tiles are too few to balance across threads.
 constexpr int64_t kTilesPerThread = 4;
 
@@ -476,26 +478,68 @@ at::Tensor masked_attention(const at::Tensor& attn, const at::Tensor& mask, cons
   return attn.view({g.batch, g.attn_groups, g.taps(), g.positions()}) * mask;
 }
 
+// Calls fn(plane) for each of the B*C input planes, in parallel.
+template <typename Fn>
+void for_each_input_plane(const Geometry& g, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, kPlaneGrain / (g.height * g.width));
+  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) fn(plane);
+  });
+}
+
+// Calls fn(h, q, n, at) for every input row h and column phase q: the row's
+// n pixels at columns q, q + s_w, ... sit in phase plane (h % s_h, q), row
+// h / s_h, at offset `at` of a (s_h*s_w, plane_h, plane_w) block.
+template <typename Fn>
+void for_each_phase_row(const Geometry& g, const Fn& fn) {
+  for (int64_t h = 0; h < g.height; ++h) {
+    for (int64_t q = 0; q < g.sw; ++q) {
+      fn(h, q, (g.width - q + g.sw - 1) / g.sw, (((h % g.sh) * g.sw + q) * g.plane_h + h / g.sh) * g.plane_w);
+    }
+  }
+}
+
 // x (B, C, H, W) -> its phase planes (B, C, s_h*s_w, plane_h, plane_w),
-// contiguous; x itself for stride 1.
+// contiguous, zero past the input, in one parallel pass; x itself for
+// stride 1.
 at::Tensor phase_planes(const at::Tensor& x, const Geometry& g) {
   if (g.phases() == 1) return x;
-  const at::Tensor padded = at::constant_pad_nd(
-      x, {0, g.plane_w * g.sw - g.width, 0, g.plane_h * g.sh - g.height});
-  return padded.view({g.batch, g.channels, g.plane_h, g.sh, g.plane_w, g.sw})
-      .permute({0, 1, 3, 5, 2, 4})
-      .contiguous();
+  at::Tensor planes = at::empty({g.batch, g.channels, g.phases(), g.plane_h, g.plane_w}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "phase_planes", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = planes.data_ptr<scalar_t>();
+    const int64_t block = g.phases() * g.plane_size();
+    for_each_input_plane(g, [&](int64_t plane) {
+      scalar_t* out = dst + plane * block;
+      if (g.plane_h * g.sh != g.height || g.plane_w * g.sw != g.width) std::fill(out, out + block, scalar_t(0));
+      const scalar_t* in = src + plane * g.height * g.width;
+      for_each_phase_row(g, [&](int64_t h, int64_t q, int64_t n, int64_t at) {
+        const scalar_t* row = in + h * g.width + q;
+        for (int64_t w = 0; w < n; ++w) out[at + w] = row[w * g.sw];
+      });
+    });
+  });
+  return planes;
 }
 
 // Inverse of phase_planes for a gradient: (B, C, s_h*s_w, plane_h, plane_w) -> (B, C, H, W).
 at::Tensor from_phase_planes(const at::Tensor& planes, const Geometry& g) {
   if (g.phases() == 1) return planes;
-  return planes.view({g.batch, g.channels, g.sh, g.sw, g.plane_h, g.plane_w})
-      .permute({0, 1, 4, 2, 5, 3})
-      .reshape({g.batch, g.channels, g.plane_h * g.sh, g.plane_w * g.sw})
-      .narrow(2, 0, g.height)
-      .narrow(3, 0, g.width)
-      .contiguous();
+  at::Tensor x = at::empty({g.batch, g.channels, g.height, g.width}, planes.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "from_phase_planes", [&] {
+    const scalar_t* src = planes.data_ptr<scalar_t>();
+    scalar_t* dst = x.data_ptr<scalar_t>();
+    const int64_t block = g.phases() * g.plane_size();
+    for_each_input_plane(g, [&](int64_t plane) {
+      const scalar_t* in = src + plane * block;
+      scalar_t* out = dst + plane * g.height * g.width;
+      for_each_phase_row(g, [&](int64_t h, int64_t q, int64_t n, int64_t at) {
+        scalar_t* row = out + h * g.width + q;
+        for (int64_t w = 0; w < n; ++w) row[w * g.sw] = in[at + w];
+      });
+    });
+  });
+  return x;
 }
 
 }  // namespace

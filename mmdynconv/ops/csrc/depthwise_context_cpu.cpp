@@ -4,12 +4,14 @@
 //   forward:  z = depthwise_conv(x) centred per channel (by its batch mean,
 //             or by a given mean), the batch mean and biased variance of z
 //             per channel, and the spatial mean of x per (sample, channel);
-//   backward: from the gradient u at z * scale + bias (a norm's output),
-//             in one pass per channel: z recomputed from x (which the
-//             weight gradient reads anyway) and returned, the gradient at
-//             the conv's output (with a batch norm's terms through its
-//             batch statistics), and the gradients of x (plus the share of
-//             the pooled mean's gradient) and of the depthwise weight.
+//   backward: from the gradient of the local maps proj @ n (n = z * scale
+//             + bias, a norm's output), in one pass per channel: z
+//             recomputed from x (which the weight gradient reads anyway),
+//             the gradient at n, at the conv's output (with a batch norm's
+//             terms through its batch statistics), of x (plus the share of
+//             the pooled mean's gradient) and of the depthwise weight, and
+//             the sums proj's gradient needs; no full-size map is written
+//             but x's gradient.
 //
 // Each channel's planes are independent, so threads take channels; within a
 // channel the B planes of z stay in cache from the conv to its statistics.
@@ -274,24 +276,34 @@ void add_phases(const Geometry& g, const T* dq, T* dx) {
   });
 }
 
-// Per-thread scratch: phase planes, their gradient, and an output plane in
-// rows of phase_w, `rows` (the conv's output, or its gradient), led by
-// `lead` zeros (and zero past the run) so that the input-gradient sum reads
-// it at negative offsets.
+// Per-thread scratch: the phase planes of `images` input planes (one
+// channel's; backward keeps them from the conv to the weight gradient),
+// their gradient, and an output plane in rows of phase_w, `rows` (the conv's
+// output, or its gradient), led by `lead` zeros (and zero past the run) so
+// that the input-gradient sum reads it at negative offsets; backward also
+// keeps z and u of each image's output plane.
 template <typename T>
 struct Scratch {
-  std::vector<T> phases, grad_phases, padded_rows;
+  std::vector<T> phases, grad_phases, padded_rows, outputs;
   T* rows;
   std::vector<std::vector<T>> phase_weights;  // per phase plane: its taps' weights
   std::vector<typename Vec<T>::type> tap_sums;  // per tap: tap_dots' accumulator
+  int64_t phases_size, out_plane;
 
-  Scratch(const Geometry& g, const Taps& taps, bool grad)
-      : phases(g.phases_size()),
-        grad_phases(grad ? g.phases_size() : 0),
+  Scratch(const Geometry& g, const Taps& taps, int64_t images, bool backward, bool grad_input)
+      : phases(images * g.phases_size()),
+        grad_phases(grad_input ? g.phases_size() : 0),
         padded_rows(taps.lead + g.phase_size(), T(0)),
+        outputs(backward ? 2 * images * g.out_plane() : 0),
         rows(padded_rows.data() + taps.lead),
         phase_weights(taps.tap_index.size()),
-        tap_sums(taps.offsets.size()) {}
+        tap_sums(taps.offsets.size()),
+        phases_size(g.phases_size()),
+        out_plane(g.out_plane()) {}
+
+  T* phases_of(int64_t b) { return phases.data() + b * phases_size; }
+  T* z_of(int64_t b) { return outputs.data() + 2 * b * out_plane; }
+  T* u_of(int64_t b) { return z_of(b) + out_plane; }
 
   void set_weights(const Taps& taps, const T* w) {
     for (size_t p = 0; p < taps.tap_index.size(); ++p) {
@@ -301,11 +313,12 @@ struct Scratch {
   }
 };
 
-// One output plane z = conv(x plane) + init.
+// One output plane z = conv(x plane) + init; the plane's phases into `phases`.
 template <typename T>
-void conv_plane(const Geometry& g, const Taps& taps, const T* x, const T* w, T init, Scratch<T>& s, T* z) {
-  build_phases(g, x, s.phases.data());
-  weighted_sum(s.phases.data(), taps.offsets, w, init, s.rows, g.run());
+void conv_plane(const Geometry& g, const Taps& taps, const T* x, const T* w, T init, Scratch<T>& s, T* phases,
+                T* z) {
+  build_phases(g, x, phases);
+  weighted_sum(phases, taps.offsets, w, init, s.rows, g.run());
   for (int64_t i = 0; i < g.out_h; ++i) std::copy_n(s.rows + i * g.phase_w, g.out_w, z + i * g.out_w);
 }
 
@@ -325,17 +338,40 @@ void gradient_rows(const Geometry& g, const T* u, const T* z, T scale, T e, T f,
 
 // One input plane's gradient added to dx (may be null) and the weight
 // gradient's sums (grad_w, may be null) from the output gradient in s.rows,
-// with the plane's phases in s.phases (needed for grad_w) and the channel's
-// weights in s.phase_weights.
+// with the plane's phases (needed for grad_w) and the channel's weights in
+// s.phase_weights.
 template <typename T>
-void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, T* dx, double* grad_w) {
-  if (grad_w) tap_dots(s.rows, s.phases.data(), taps.offsets, g.run(), s.tap_sums.data(), grad_w);
+void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, const T* phases, T* dx,
+                         double* grad_w) {
+  if (grad_w) tap_dots(s.rows, phases, taps.offsets, g.run(), s.tap_sums.data(), grad_w);
   if (!dx) return;
   for (size_t p = 0; p < taps.by_phase.size(); ++p) {
     weighted_sum(s.rows, taps.by_phase[p], s.phase_weights[p].data(), T(0),
                  s.grad_phases.data() + p * g.phase_size(), g.phase_size());
   }
   add_phases(g, s.grad_phases.data(), dx);
+}
+
+// Back through local = proj @ n for one output plane of channel c: from the
+// gradients dl of the M local maps (M x P, rows of P) and proj's column c
+// (proj_c[m * stride]), u = sum_m proj_c[m] * dl[m], the gradient at n
+// (written to u), and cross[m] += <dl[m], z> (proj's gradient before the
+// norm's scale), in one pass over dl.
+template <typename T>
+void project_back(const T* dl, int64_t maps, int64_t P, const T* proj_c, int64_t stride, const T* z, T* u,
+                  double* cross) {
+  std::fill(u, u + P, T(0));
+  for (int64_t m = 0; m < maps; ++m) {
+    const T* row = dl + m * P;
+    const T w = proj_c[m * stride];
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < P; ++j) {
+      u[j] += w * row[j];
+      acc += row[j] * z[j];
+    }
+    cross[m] += acc;
+  }
 }
 
 }  // namespace
@@ -366,7 +402,7 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
     T* vd = batch_stats ? var.data_ptr<T>() : nullptr;
     const int64_t count = g.batch * g.out_plane();
     at::parallel_for(0, g.channels, channel_grain(g), [&](int64_t c0, int64_t c1) {
-      Scratch<T> scratch(g, taps, false);
+      Scratch<T> scratch(g, taps, 1, false, false);
       for (int64_t c = c0; c < c1; ++c) {
         const T init = batch_stats ? T(0) : -md[c];
         double sum = 0;
@@ -374,7 +410,7 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
           const T* xp = xd + (b * g.channels + c) * g.plane();
           T* zp = zd + (b * g.channels + c) * g.out_plane();
           pd[b * g.channels + c] = static_cast<T>(plane_sum(xp, g.plane()) / g.plane());
-          conv_plane(g, taps, xp, wd + c * g.taps(), init, scratch, zp);
+          conv_plane(g, taps, xp, wd + c * g.taps(), init, scratch, scratch.phases_of(0), zp);
           if (batch_stats) sum += plane_sum(zp, g.out_plane());
         }
         if (!batch_stats) continue;
@@ -391,92 +427,109 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
   return {z, out_mean, var, pooled};
 }
 
-// The backward of n = z * scale + bias, z = conv(x) - mean (mean, scale:
-// (C,)), from u (B, C, H_out, W_out), the gradient at n. Per channel c, the
-// gradient at the conv's output is
+// The backward of local = proj @ n, n = z * scale + bias, z = conv(x) - mean
+// (mean, scale: (C,); proj (M, C)), from grad_local (B, M, H_out*W_out).
+// Per channel c, in one pass: z is recomputed, the gradient at n is
+// u = proj^T grad_local, and the gradient at the conv's output is
 //   g = scale[c] * u + stat[c][0] * <u, z> * z + stat[c][1] * sum(u)
 // (<.,.> and sum over the batch and positions; stat (C, 2) or None: the
 // terms of a batch norm through its batch statistics). grad_pooled (B, C)
-// or None is the pooled mean's gradient, added to x's.
+// or None is the pooled mean's gradient, added to x's. Neither z nor u is
+// kept: proj's gradient needs only cross = sum_b grad_local_b @ z_b^T.
+// grad_x_into (B, C, H, W) or None: x's gradient is added to it (and it is
+// returned) instead of to zeros.
 // -> [grad_x (B, C, H, W), grad_weight (C, 1, kh, kw), undefined where not
-// needed, and z (B, C, H_out, W_out)].
-std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& u, const at::Tensor& x,
-                                                   const at::Tensor& weight, at::IntArrayRef stride,
-                                                   at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                   const at::Tensor& mean, const at::Tensor& scale,
+// needed, and cross (M, C)].
+std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_local, const at::Tensor& proj,
+                                                   const at::Tensor& x, const at::Tensor& weight,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, const at::Tensor& mean,
+                                                   const at::Tensor& scale,
                                                    const std::optional<at::Tensor>& stat_terms,
-                                                   const std::optional<at::Tensor>& pooled_grad, bool need_input,
+                                                   const std::optional<at::Tensor>& pooled_grad,
+                                                   const std::optional<at::Tensor>& grad_x_into, bool need_input,
                                                    bool need_weight) {
   const at::Tensor grad_pooled = pooled_grad.value_or(at::Tensor()), stat = stat_terms.value_or(at::Tensor());
   const Geometry g = make_geometry(x, weight, stride, padding, dilation);
   const Taps taps(g);
-  const int64_t P = g.out_plane();
-  const std::vector<int64_t> out_sizes{g.batch, g.channels, g.out_h, g.out_w};
-  TORCH_CHECK(u.is_contiguous() && u.sizes() == at::IntArrayRef(out_sizes),
-              "u must be a contiguous (B, C, H_out, W_out) tensor, got ", u.sizes());
+  const int64_t P = g.out_plane(), M = proj.size(0);
+  TORCH_CHECK(proj.dim() == 2 && proj.is_contiguous() && proj.size(1) == g.channels,
+              "proj must be a contiguous (M, C) tensor, got ", proj.sizes());
+  TORCH_CHECK(grad_local.is_contiguous() && grad_local.sizes() == at::IntArrayRef({g.batch, M, P}),
+              "grad_local must be a contiguous (B, M, H_out*W_out) tensor, got ", grad_local.sizes());
   TORCH_CHECK(!stat.defined() || (stat.is_contiguous() && stat.sizes() == at::IntArrayRef({g.channels, 2})),
               "stat must be a contiguous (C, 2) tensor");
   TORCH_CHECK(!grad_pooled.defined() ||
                   (grad_pooled.is_contiguous() && grad_pooled.sizes() == at::IntArrayRef({g.batch, g.channels})),
               "grad_pooled must be a contiguous (B, C) tensor");
-  for (const at::Tensor& t : {u, stat, grad_pooled}) {
+  const bool accumulate = need_input && grad_x_into.has_value();
+  TORCH_CHECK(!accumulate || (grad_x_into->is_contiguous() && grad_x_into->sizes() == x.sizes()),
+              "grad_x_into must be a contiguous tensor of x's shape");
+  for (const at::Tensor& t : {grad_local, proj, stat, grad_pooled, grad_x_into.value_or(at::Tensor())}) {
     TORCH_CHECK(!t.defined() || t.scalar_type() == x.scalar_type(), "all tensors must have x's dtype");
   }
-  at::Tensor grad_x = need_input ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_x = accumulate ? *grad_x_into : need_input ? at::empty_like(x) : at::Tensor();
   at::Tensor grad_weight = need_weight ? at::empty_like(weight) : at::Tensor();
-  at::Tensor z = at::empty_like(u);
+  at::Tensor cross = at::empty({M, g.channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_context_backward", [&] {
     using T = scalar_t;
     check_vector<T>(mean, g, "mean");
     check_vector<T>(scale, g, "scale");
     const T* xd = x.data_ptr<T>();
     const T* wd = weight.data_ptr<T>();
-    const T* ud = u.data_ptr<T>();
+    const T* dld = grad_local.data_ptr<T>();
+    const T* pd = proj.data_ptr<T>();
     const T* md = mean.data_ptr<T>();
     const T* sd = scale.data_ptr<T>();
     const T* std_ = stat.defined() ? stat.data_ptr<T>() : nullptr;
     const T* pgd = grad_pooled.defined() ? grad_pooled.data_ptr<T>() : nullptr;
     T* dxd = need_input ? grad_x.data_ptr<T>() : nullptr;
     T* dwd = need_weight ? grad_weight.data_ptr<T>() : nullptr;
-    T* zd = z.data_ptr<T>();
+    T* cd = cross.data_ptr<T>();
     at::parallel_for(0, g.channels, channel_grain(g), [&](int64_t c0, int64_t c1) {
-      Scratch<T> scratch(g, taps, need_input);
-      std::vector<double> grad_w(g.taps());
+      Scratch<T> s(g, taps, g.batch, true, need_input);
+      std::vector<double> grad_w(g.taps()), cross_c(M);
       for (int64_t c = c0; c < c1; ++c) {
         const T* w = wd + c * g.taps();
         double zu = 0, u_sum = 0;
+        std::fill(cross_c.begin(), cross_c.end(), 0.0);
         for (int64_t b = 0; b < g.batch; ++b) {
-          const int64_t out_at = (b * g.channels + c) * P;
-          conv_plane(g, taps, xd + (b * g.channels + c) * g.plane(), w, -md[c], scratch, zd + out_at);
-          zu += dot(ud + out_at, zd + out_at, P);
-          u_sum += plane_sum(ud + out_at, P);
+          T *z = s.z_of(b), *u = s.u_of(b);
+          conv_plane(g, taps, xd + (b * g.channels + c) * g.plane(), w, -md[c], s, s.phases_of(b), z);
+          project_back(dld + b * M * P, M, P, pd + c, g.channels, z, u, cross_c.data());
+          zu += dot(u, z, P);
+          u_sum += plane_sum(u, P);
         }
         const T e = std_ ? static_cast<T>(std_[2 * c] * zu) : T(0);
         const T f = std_ ? static_cast<T>(std_[2 * c + 1] * u_sum) : T(0);
         std::fill(grad_w.begin(), grad_w.end(), 0.0);
-        scratch.set_weights(taps, w);
+        s.set_weights(taps, w);
         for (int64_t b = 0; b < g.batch; ++b) {
-          const int64_t out_at = (b * g.channels + c) * P, in_at = (b * g.channels + c) * g.plane();
-          if (need_weight) build_phases(g, xd + in_at, scratch.phases.data());
-          gradient_rows(g, ud + out_at, zd + out_at, sd[c], e, f, scratch);
+          gradient_rows(g, s.u_of(b), s.z_of(b), sd[c], e, f, s);
           T* dx = nullptr;
           if (need_input) {
-            dx = dxd + in_at;
-            std::fill(dx, dx + g.plane(), pgd ? static_cast<T>(pgd[b * g.channels + c] / g.plane()) : T(0));
+            dx = dxd + (b * g.channels + c) * g.plane();
+            const T pooled_share = pgd ? static_cast<T>(pgd[b * g.channels + c] / g.plane()) : T(0);
+            if (!accumulate) {
+              std::fill(dx, dx + g.plane(), pooled_share);
+            } else if (pgd) {
+              std::for_each(dx, dx + g.plane(), [&](T& v) { v += pooled_share; });
+            }
           }
-          conv_plane_backward(g, taps, scratch, dx, need_weight ? grad_w.data() : nullptr);
+          conv_plane_backward(g, taps, s, s.phases_of(b), dx, need_weight ? grad_w.data() : nullptr);
         }
         if (need_weight) {
           for (int64_t t = 0; t < g.taps(); ++t) dwd[c * g.taps() + t] = static_cast<T>(grad_w[t]);
         }
+        for (int64_t m = 0; m < M; ++m) cd[m * g.channels + c] = static_cast<T>(cross_c[m]);
       }
     });
   });
-  return {grad_x, grad_weight, z};
+  return {grad_x, grad_weight, cross};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The AIK attention generator's depthwise conv, batch statistics and pooled mean on CPU";
   m.def("forward", &depthwise_context_forward, "depthwise conv, its batch statistics and the pooled mean");
-  m.def("backward", &depthwise_context_backward, "gradients of x and of the depthwise weight through a norm; z");
+  m.def("backward", &depthwise_context_backward, "gradients of x and of the depthwise weight from the local maps' gradient");
 }
