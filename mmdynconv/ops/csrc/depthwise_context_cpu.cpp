@@ -152,27 +152,31 @@ void weighted_sum(const T* src, const std::vector<int64_t>& offsets, const T* w,
   }
 }
 
-// grad_w[t] += sum_j g[j] * src[offsets[t] + j] for j < n, every tap in one
-// pass over g: one accumulator per tap, so the sums do not wait on each
-// other. acc: scratch for offsets.size() vectors.
+// grad_w[t] += sum_j g[j] * src[offsets[t] + j] for j < n, taps eight at a
+// time in one pass over g each: one register accumulator per tap, so the
+// sums do not wait on each other.
 template <typename T>
-void tap_dots(const T* g, const T* src, const std::vector<int64_t>& offsets, int64_t n,
-              typename Vec<T>::type* acc, double* grad_w) {
+void tap_dots(const T* g, const T* src, const std::vector<int64_t>& offsets, int64_t n, double* grad_w) {
   using V = Vec<T>;
   using VT = typename V::type;
-  constexpr int64_t L = V::size;
+  constexpr int64_t L = V::size, kGroup = 8;
   const int64_t taps = static_cast<int64_t>(offsets.size());
-  for (int64_t t = 0; t < taps; ++t) acc[t] = VT{};
-  int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    const VT gv = V::load(g + j);
-    for (int64_t t = 0; t < taps; ++t) acc[t] += gv * V::load(src + offsets[t] + j);
-  }
-  for (int64_t t = 0; t < taps; ++t) {
-    double sum = 0;
-    for (int64_t k = 0; k < L; ++k) sum += acc[t][k];
-    for (int64_t r = j; r < n; ++r) sum += double(g[r]) * src[offsets[t] + r];
-    grad_w[t] += sum;
+  for (int64_t t0 = 0; t0 < taps; t0 += kGroup) {
+    const int64_t group = std::min(kGroup, taps - t0);
+    const T* s[kGroup];
+    for (int64_t i = 0; i < group; ++i) s[i] = src + offsets[t0 + i];
+    VT acc[kGroup] = {};
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+      const VT gv = V::load(g + j);
+      for (int64_t i = 0; i < group; ++i) acc[i] += gv * V::load(s[i] + j);
+    }
+    for (int64_t i = 0; i < group; ++i) {
+      double sum = 0;
+      for (int64_t k = 0; k < L; ++k) sum += acc[i][k];
+      for (int64_t r = j; r < n; ++r) sum += double(g[r]) * s[i][r];
+      grad_w[t0 + i] += sum;
+    }
   }
 }
 
@@ -287,7 +291,6 @@ struct Scratch {
   std::vector<T> phases, grad_phases, padded_rows, outputs;
   T* rows;
   std::vector<std::vector<T>> phase_weights;  // per phase plane: its taps' weights
-  std::vector<typename Vec<T>::type> tap_sums;  // per tap: tap_dots' accumulator
   int64_t phases_size, out_plane;
 
   Scratch(const Geometry& g, const Taps& taps, int64_t images, bool backward, bool grad_input)
@@ -297,7 +300,6 @@ struct Scratch {
         outputs(backward ? 2 * images * g.out_plane() : 0),
         rows(padded_rows.data() + taps.lead),
         phase_weights(taps.tap_index.size()),
-        tap_sums(taps.offsets.size()),
         phases_size(g.phases_size()),
         out_plane(g.out_plane()) {}
 
@@ -343,7 +345,7 @@ void gradient_rows(const Geometry& g, const T* u, const T* z, T scale, T e, T f,
 template <typename T>
 void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, const T* phases, T* dx,
                          double* grad_w) {
-  if (grad_w) tap_dots(s.rows, phases, taps.offsets, g.run(), s.tap_sums.data(), grad_w);
+  if (grad_w) tap_dots(s.rows, phases, taps.offsets, g.run(), grad_w);
   if (!dx) return;
   for (size_t p = 0; p < taps.by_phase.size(); ++p) {
     weighted_sum(s.rows, taps.by_phase[p], s.phase_weights[p].data(), T(0),
@@ -356,21 +358,44 @@ void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, con
 // gradients dl of the M local maps (M x P, rows of P) and proj's column c
 // (proj_c[m * stride]), u = sum_m proj_c[m] * dl[m], the gradient at n
 // (written to u), and cross[m] += <dl[m], z> (proj's gradient before the
-// norm's scale), in one pass over dl.
+// norm's scale). Maps are taken eight at a time, each vector of u summed
+// over them in a register and each map's dot in a register of its own.
 template <typename T>
 void project_back(const T* dl, int64_t maps, int64_t P, const T* proj_c, int64_t stride, const T* z, T* u,
                   double* cross) {
-  std::fill(u, u + P, T(0));
-  for (int64_t m = 0; m < maps; ++m) {
-    const T* row = dl + m * P;
-    const T w = proj_c[m * stride];
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < P; ++j) {
-      u[j] += w * row[j];
-      acc += row[j] * z[j];
+  using V = Vec<T>;
+  using VT = typename V::type;
+  constexpr int64_t L = V::size, kGroup = 8;
+  for (int64_t m0 = 0; m0 < maps; m0 += kGroup) {
+    const int64_t group = std::min(kGroup, maps - m0);
+    T w[kGroup];
+    for (int64_t i = 0; i < group; ++i) w[i] = proj_c[(m0 + i) * stride];
+    const T* rows = dl + m0 * P;
+    VT dots[kGroup] = {};
+    int64_t j = 0;
+    for (; j + L <= P; j += L) {
+      const VT zv = V::load(z + j);
+      VT uv = m0 == 0 ? VT{} : V::load(u + j);
+      for (int64_t i = 0; i < group; ++i) {
+        const VT row = V::load(rows + i * P + j);
+        uv += w[i] * row;
+        dots[i] += row * zv;
+      }
+      V::store(u + j, uv);
     }
-    cross[m] += acc;
+    for (int64_t i = 0; i < group; ++i) {
+      double dot_sum = 0;
+      for (int64_t k = 0; k < L; ++k) dot_sum += dots[i][k];
+      cross[m0 + i] += dot_sum;
+    }
+    for (; j < P; ++j) {
+      T uj = m0 == 0 ? T(0) : u[j];
+      for (int64_t i = 0; i < group; ++i) {
+        uj += w[i] * rows[i * P + j];
+        cross[m0 + i] += double(rows[i * P + j]) * z[j];
+      }
+      u[j] = uj;
+    }
   }
 }
 
