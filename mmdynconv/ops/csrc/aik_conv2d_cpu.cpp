@@ -37,6 +37,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 #include <vector>
 
@@ -478,6 +479,25 @@ at::Tensor masked_attention(const at::Tensor& attn, const at::Tensor& mask, cons
   return attn.view({g.batch, g.attn_groups, g.taps(), g.positions()}) * mask;
 }
 
+// The op's temporaries, kept per calling thread from one call to the next:
+// the tile buffers alone take up to 4 * threads * kTileElements elements
+// each, and memory freshly allocated on every call is paged in afresh on
+// every call (glibc hands large freed blocks back to the system), which
+// measured as long as the element-wise passes themselves at C = 256, 14x14.
+// A slot's tensor is used within one call only and never returned.
+enum Slot { kMatrixBuffers, kPatchBuffers, kWeightGradParts, kInputPlanes, kGradPlanes, kSlots };
+
+at::Tensor workspace(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  thread_local std::array<at::Tensor, kSlots> cache;
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+  at::Tensor& buffer = cache[slot];
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = at::Tensor();  // free the old one first
+    buffer = at::empty({bytes}, options.dtype(at::kByte));
+  }
+  return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
+}
+
 // Calls fn(plane) for each of the B*C input planes, in parallel.
 template <typename Fn>
 void for_each_input_plane(const Geometry& g, const Fn& fn) {
@@ -504,7 +524,7 @@ void for_each_phase_row(const Geometry& g, const Fn& fn) {
 // stride 1.
 at::Tensor phase_planes(const at::Tensor& x, const Geometry& g) {
   if (g.phases() == 1) return x;
-  at::Tensor planes = at::empty({g.batch, g.channels, g.phases(), g.plane_h, g.plane_w}, x.options());
+  at::Tensor planes = workspace(kInputPlanes, {g.batch, g.channels, g.phases(), g.plane_h, g.plane_w}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "phase_planes", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = planes.data_ptr<scalar_t>();
@@ -557,7 +577,8 @@ at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Te
   const at::Tensor planes = phase_planes(x, g);
   const at::Tensor masked = masked_attention(attn, tap_mask(g, x.options()), g);
   at::Tensor out = at::empty({g.batch, weight.size(0), g.positions()}, x.options());
-  at::Tensor buffers = at::empty({buffer_count(schedule), g.cols() * schedule.max_positions(g)}, x.options());
+  at::Tensor buffers =
+      workspace(kMatrixBuffers, {buffer_count(schedule), g.cols() * schedule.max_positions(g)}, x.options());
   at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_forward", [&] {
     for_each_tile(schedule, false, [&](const Tile& tile, int64_t thread) {
@@ -591,7 +612,11 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   const at::Tensor planes = phase_planes(x, g);
   const at::Tensor mask = tap_mask(g, x.options());
   const at::Tensor masked = masked_attention(attn, mask, g);
-  at::Tensor grad_planes = need_input ? at::zeros_like(planes) : at::Tensor();
+  // the input gradient itself for stride 1
+  at::Tensor grad_planes;
+  if (need_input) {
+    grad_planes = g.phases() == 1 ? at::zeros_like(planes) : workspace(kGradPlanes, planes.sizes(), x.options()).zero_();
+  }
   // The attention gradient before the mask; one partial sum per thread when
   // the parts of the one tile run in parallel (parts of different channels
   // share attention rows), else one (bands of an image are disjoint).
@@ -601,11 +626,11 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   // starts at zero); otherwise the one tile writes the gradient.
   at::Tensor grad_w_parts;
   if (need_weight) {
-    grad_w_parts = schedule.parallel_tiles ? at::zeros({buffers, O, g.cols()}, x.options())
+    grad_w_parts = schedule.parallel_tiles ? workspace(kWeightGradParts, {buffers, O, g.cols()}, x.options()).zero_()
                                            : at::empty({1, O, g.cols()}, x.options());
   }
-  at::Tensor q_buffers = need_q ? at::empty({buffers, elements}, x.options()) : at::Tensor();
-  at::Tensor patch_buffers = need_weight ? at::empty({buffers, elements}, x.options()) : at::Tensor();
+  at::Tensor q_buffers = need_q ? workspace(kMatrixBuffers, {buffers, elements}, x.options()) : at::Tensor();
+  at::Tensor patch_buffers = need_weight ? workspace(kPatchBuffers, {buffers, elements}, x.options()) : at::Tensor();
   at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_backward", [&] {
     for_each_tile(schedule, need_input, [&](const Tile& tile, int64_t thread) {
@@ -638,7 +663,7 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   });
   at::Tensor grad_weight;
   if (need_weight) {
-    grad_weight = (buffers == 1 ? grad_w_parts.select(0, 0) : grad_w_parts.sum(0)).view(weight.sizes());
+    grad_weight = (schedule.parallel_tiles ? grad_w_parts.sum(0) : grad_w_parts.select(0, 0)).view(weight.sizes());
   }
   at::Tensor grad_attn;
   if (need_attn) {
