@@ -37,9 +37,9 @@ def test_schedules_match_reference(monkeypatch, threads, tile_elements):
     torch.set_num_threads(threads)
     try:
         for (kernel, stride, pad, dilation, attn_groups,
-             size) in itertools.product([(3, 3), (1, 1), (5, 3)], [1, 2],
+             size) in itertools.product([(3, 3), (1, 1), (5, 3)], [1, 2, 3],
                                         [0, 1, 2], [1, 2], [1, 2],
-                                        [(16, 16), (11, 6)]):
+                                        [(16, 16), (11, 7)]):
             padding = (pad, pad if kernel[1] > 1 else 0)
             case = make_case(3, 4, 5, size, kernel, stride, padding, dilation,
                              1, attn_groups)
