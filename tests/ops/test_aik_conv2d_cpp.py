@@ -83,3 +83,30 @@ def test_unbuilt_extension_is_a_clear_error(monkeypatch):
                                    1)
     with pytest.raises(RuntimeError, match='not built'):
         aik_conv2d(x, attn, weight, padding=1, impl='cpp')
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('tile_elements', [300, 1 << 17])
+def test_results_outlive_the_next_call(monkeypatch, threads, tile_elements):
+    """The extension keeps its temporaries from one call to the next: what
+    a call returned must not change when the next call (other values, then
+    another dtype) reuses them."""
+    monkeypatch.setattr(cpp, 'TILE_ELEMENTS', tile_elements)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = (2, 2), (1, 1), (1, 1), 1
+        first = make_case(2, 4, 5, (9, 8), (3, 3), 2, (1, 1), 1, 1, 1)
+        results = grads_of(first, args, 'cpp')
+        kept = [t.clone() for t in results]
+        torch.manual_seed(1)
+        second = [torch.randn_like(t) if t is not None else None
+                  for t in first]
+        grads_of(second, args, 'cpp')
+        grads_of([t.float() for t in second], args, 'cpp')
+        for result, copy in zip(results, kept):
+            assert torch.equal(result, copy)
+        for result, expected in zip(results, grads_of(first, args, 'cpp')):
+            assert torch.equal(result, expected)
+    finally:
+        torch.set_num_threads(old_threads)

@@ -34,6 +34,7 @@
 // then odd bands, with each band tall enough that bands two apart read
 // disjoint rows.
 #include <ATen/Parallel.h>
+#include <ATen/TracerMode.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -484,18 +485,21 @@ at::Tensor masked_attention(const at::Tensor& attn, const at::Tensor& mask, cons
 // each, and memory freshly allocated on every call is paged in afresh on
 // every call (glibc hands large freed blocks back to the system), which
 // measured as long as the element-wise passes themselves at C = 256, 14x14.
-// A slot's tensor is used within one call only and never returned.
+// A slot's tensor is used within one call only and never returned. Under
+// torch.jit tracing, which records the calls made here, each call allocates
+// its own (a tensor from an earlier call is unknown to the trace).
 enum Slot { kMatrixBuffers, kPatchBuffers, kWeightGradParts, kInputPlanes, kGradPlanes, kSlots };
 
 at::Tensor workspace(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (at::tracer::impl::is_dispatch_enabled()) return at::empty(sizes, options);
   thread_local std::array<at::Tensor, kSlots> cache;
-  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+  const int64_t numel = c10::multiply_integers(sizes);
   at::Tensor& buffer = cache[slot];
-  if (!buffer.defined() || buffer.numel() < bytes) {
+  if (!buffer.defined() || buffer.dtype() != options.dtype() || buffer.numel() < numel) {
     buffer = at::Tensor();  // free the old one first
-    buffer = at::empty({bytes}, options.dtype(at::kByte));
+    buffer = at::empty({numel}, options);
   }
-  return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
+  return buffer.narrow(0, 0, numel).view(sizes);
 }
 
 // Calls fn(plane) for each of the B*C input planes, in parallel.
