@@ -545,25 +545,33 @@ void phase_row(scalar_t* row, int64_t width, int64_t sw, scalar_t* phases, int64
   for (int64_t w = 0; w < width; ++w) copy(row[w], phases[(w % sw) * phase_stride + w / sw]);
 }
 
-// x (B, C, H, W) -> its phase planes (B, C, s_h*s_w, plane_h, plane_w),
-// contiguous, zero past the input, in one parallel pass; x itself for
-// stride 1.
-at::Tensor phase_planes(const at::Tensor& x, const Geometry& g) {
-  if (g.phases() == 1) return x;
-  at::Tensor planes = workspace(kInputPlanes, {g.batch, g.channels, g.phases(), g.plane_h, g.plane_w}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "phase_planes", [&] {
-    scalar_t* src = x.data_ptr<scalar_t>();
-    scalar_t* dst = planes.data_ptr<scalar_t>();
+// Copies between images (B, C, H, W) and their phase planes (B, C,
+// s_h*s_w, plane_h, plane_w), both contiguous, in one parallel pass: into
+// the planes (zero past the input) when kSplit, else into the images.
+template <bool kSplit>
+void copy_phases(const at::Tensor& images, const at::Tensor& planes, const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(images.scalar_type(), "copy_phases", [&] {
+    scalar_t* image_data = images.data_ptr<scalar_t>();
+    scalar_t* plane_data = planes.data_ptr<scalar_t>();
     const int64_t block = g.phases() * g.plane_size();
+    const bool padded = g.plane_h * g.sh != g.height || g.plane_w * g.sw != g.width;
     for_each_input_plane(g, [&](int64_t plane) {
-      scalar_t* out = dst + plane * block;
-      if (g.plane_h * g.sh != g.height || g.plane_w * g.sw != g.width) std::fill(out, out + block, scalar_t(0));
-      scalar_t* in = src + plane * g.height * g.width;
+      scalar_t* image = image_data + plane * g.height * g.width;
+      scalar_t* phases = plane_data + plane * block;
+      if (kSplit && padded) std::fill(phases, phases + block, scalar_t(0));
       for_each_phase_row(g, [&](int64_t h, int64_t at) {
-        phase_row<true>(in + h * g.width, g.width, g.sw, out + at, g.plane_size());
+        phase_row<kSplit>(image + h * g.width, g.width, g.sw, phases + at, g.plane_size());
       });
     });
   });
+}
+
+// x (B, C, H, W) -> its phase planes (B, C, s_h*s_w, plane_h, plane_w),
+// contiguous, zero past the input; x itself for stride 1.
+at::Tensor phase_planes(const at::Tensor& x, const Geometry& g) {
+  if (g.phases() == 1) return x;
+  at::Tensor planes = workspace(kInputPlanes, {g.batch, g.channels, g.phases(), g.plane_h, g.plane_w}, x.options());
+  copy_phases<true>(x, planes, g);
   return planes;
 }
 
@@ -571,18 +579,7 @@ at::Tensor phase_planes(const at::Tensor& x, const Geometry& g) {
 at::Tensor from_phase_planes(const at::Tensor& planes, const Geometry& g) {
   if (g.phases() == 1) return planes;
   at::Tensor x = at::empty({g.batch, g.channels, g.height, g.width}, planes.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "from_phase_planes", [&] {
-    scalar_t* src = planes.data_ptr<scalar_t>();
-    scalar_t* dst = x.data_ptr<scalar_t>();
-    const int64_t block = g.phases() * g.plane_size();
-    for_each_input_plane(g, [&](int64_t plane) {
-      scalar_t* in = src + plane * block;
-      scalar_t* out = dst + plane * g.height * g.width;
-      for_each_phase_row(g, [&](int64_t h, int64_t at) {
-        phase_row<false>(out + h * g.width, g.width, g.sw, in + at, g.plane_size());
-      });
-    });
-  });
+  copy_phases<false>(x, planes, g);
   return x;
 }
 
