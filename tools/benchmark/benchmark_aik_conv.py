@@ -3,7 +3,10 @@
 At ResNet-50's 3x3 residual-conv shapes (batch 2, 224x224 input), times
 forward (eval, no grad) and forward+backward (train), and measures the bytes
 autograd keeps for backward (unique storages seen by saved_tensors_hooks) and
-the peak memory allocated during forward+backward (profiler memory events).
+the peak memory allocated during forward+backward (profiler memory events;
+the compiled AIK op keeps its temporaries from one call to the next, so
+after the timed runs they are not allocated again and the peak leaves them
+out).
 Rows: (a) nn.Conv2d, (b) the whole AIKConv2d layer (generator included,
 the op on its default CPU path, the compiled extension), (b') the AIK op
 alone with the attention given as a parameter (the difference to (b) is the
