@@ -6,8 +6,9 @@ the compiled CPU path: the fused attention generator
 One node instead of two saves autograd's per-node cost, hands A's gradient
 from the op to the generator directly, and adds the generator's input
 gradient into the op's in place, inside the generator's backward pass
-(autograd would sum the two into a new tensor). Autograd keeps what the two nodes would: x, A, the static weight,
-the generator's local maps and per-channel vectors.
+(autograd would sum the two into a new tensor). Autograd keeps what the two
+nodes would: x, A, the static weight, the generator's local maps and
+per-channel vectors.
 """
 import torch
 from torch import Tensor, nn

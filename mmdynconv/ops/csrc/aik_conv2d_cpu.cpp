@@ -379,9 +379,9 @@ void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const 
     const auto [begin, end] = flat_run(g, row, part);
     if constexpr (kPatches) {
       std::fill(p + part_begin, p + begin, scalar_t(0));
+      patch_run(0, 0, begin, end, a, src, p);
       std::fill(p + end, p + part_end, scalar_t(0));
     }
-    if constexpr (kPatches) patch_run(0, 0, begin, end, a, src, p);
     grad_run<kGradAttn, kGradX>(0, 0, begin, end, a, src, q, ga, gx);
     return;
   }
