@@ -21,7 +21,7 @@
 //   partials;
 // * one tile of the whole batch (wide layers with small maps, whose weight
 //   is too big to re-read per small tile): each GEMM on all threads, on
-//   copies of y and dy with images side by side (they are small here); the
+//   staged copies of y and dy with images side by side (small here); the
 //   element-wise passes in parallel over blocks of channels of whole images
 //   (each thread sums its own attention gradient).
 // Strided convolutions read x through its stride phases (see Geometry), so
@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -172,8 +173,7 @@ Schedule make_schedule(const Geometry& g, int64_t tile_elements, int64_t thread_
 // Calls fn(i, thread) for 0 <= i < count in parallel, giving each thread at
 // least the schedule's thread_elements matrix elements (an item has
 // `elements`); with two phases, first for the i of even parity(i), then for
-// the odd ones. Worker threads do not inherit the caller's autograd state,
-// so GEMMs run by fn are dispatched below autograd.
+// the odd ones.
 template <typename Parity, typename Fn>
 void parallel_in_phases(const Schedule& schedule, int64_t count, int64_t elements, bool two_phases,
                         const Parity& parity, const Fn& fn) {
@@ -184,7 +184,6 @@ void parallel_in_phases(const Schedule& schedule, int64_t count, int64_t element
       if (!two_phases || parity(i) == phase) active.push_back(i);
     }
     at::parallel_for(0, static_cast<int64_t>(active.size()), grain, [&](int64_t begin, int64_t end) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t i = begin; i < end; ++i) fn(active[i], at::get_thread_num());
     });
   }
@@ -195,7 +194,6 @@ void parallel_in_phases(const Schedule& schedule, int64_t count, int64_t element
 template <typename Fn>
 void for_each_tile(const Schedule& schedule, bool two_phases, const Fn& tile_fn) {
   if (!schedule.parallel_tiles) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (const Tile& tile : schedule.tiles) tile_fn(tile, 0);
     return;
   }
@@ -434,30 +432,70 @@ void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
   });
 }
 
-at::Tensor tile_matrix(const at::Tensor& buffers, int64_t thread, const Geometry& g, const Tile& tile) {
-  const int64_t positions = tile.positions(g);
-  return buffers.select(0, thread).narrow(0, 0, g.cols() * positions).view({g.cols(), positions});
+// Row-major C (m x n) = op(A) (m x k) @ op(B) (k x n) + beta * C, leading
+// dimensions lda, ldb, ldc: the Fortran BLAS GEMM that libtorch itself calls
+// (MKL or OpenBLAS), called directly. Through at::mm_out on tile views, the
+// tensor bookkeeping of a layer's few dozen small GEMMs a step took about as
+// long as its element-wise backward pass.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
 }
 
-// The tile's columns of a (B, O, H_out*W_out) tensor as an (O, R) matrix: a
-// view for a tile of one image, a copy for several.
-at::Tensor tile_columns(const at::Tensor& t, const Geometry& g, const Tile& tile) {
-  if (tile.images() == 1) {
-    return t.select(0, tile.b0).narrow(1, tile.oh0 * g.out_w, tile.positions(g));
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+          const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  // column-major BLAS computes C^T = op(B)^T op(A)^T from the same memory
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  TORCH_CHECK(std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max(),
+              "a GEMM of the AIK op exceeds BLAS's 32-bit sizes");
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  const scalar_t one = 1;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgemm_(&ta, &tb, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+  } else {
+    dgemm_(&ta, &tb, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
   }
-  return t.narrow(0, tile.b0, tile.images()).permute({1, 0, 2}).reshape({t.size(1), tile.positions(g)});
 }
 
-// The tile's columns of out (B, O, H_out*W_out) = wmat (O, C*K) @ patches (C*K, R).
-void multiply_into_columns(at::Tensor& out, const at::Tensor& wmat, const at::Tensor& patches,
-                           const Geometry& g, const Tile& tile) {
-  if (tile.images() == 1) {
-    at::Tensor columns = tile_columns(out, g, tile);
-    at::mm_out(columns, wmat, patches);
-    return;
+// The tile's columns of a (B, O, H_out*W_out) tensor, as an (O, R) matrix
+// with leading dimension ld.
+template <typename scalar_t>
+struct Columns {
+  scalar_t* data;
+  int64_t ld;
+};
+
+// Copies between the tile's columns of t (B, O, H_out*W_out) and `staging`
+// (O, R): gather into staging when kGather, else scatter from it.
+template <bool kGather, typename scalar_t>
+void copy_columns(scalar_t* t, int64_t O, const Geometry& g, const Tile& tile, scalar_t* staging) {
+  const int64_t columns = (tile.oh1 - tile.oh0) * g.out_w, R = tile.positions(g);
+  for (int64_t b = tile.b0; b < tile.b1; ++b) {
+    for (int64_t o = 0; o < O; ++o) {
+      scalar_t* image = t + (b * O + o) * g.positions() + tile.oh0 * g.out_w;
+      scalar_t* staged = staging + o * R + (b - tile.b0) * columns;
+      if constexpr (kGather) {
+        std::copy(image, image + columns, staged);
+      } else {
+        std::copy(staged, staged + columns, image);
+      }
+    }
   }
-  out.narrow(0, tile.b0, tile.images())
-      .copy_(at::mm(wmat, patches).view({wmat.size(0), tile.images(), g.positions()}).permute({1, 0, 2}));
+}
+
+// The tile's columns of t: t itself for a tile of one image; else staging,
+// gathered from t when kGather (for dy; y is scattered after its GEMM).
+template <bool kGather, typename scalar_t>
+Columns<scalar_t> tile_columns(scalar_t* t, int64_t O, const Geometry& g, const Tile& tile, scalar_t* staging) {
+  if (tile.images() == 1) return {t + tile.b0 * O * g.positions() + tile.oh0 * g.out_w, g.positions()};
+  if constexpr (kGather) copy_columns<true>(t, O, g, tile, staging);
+  return {staging, tile.positions(g)};
 }
 
 int64_t buffer_count(const Schedule& schedule) {
@@ -465,14 +503,14 @@ int64_t buffer_count(const Schedule& schedule) {
 }
 
 template <typename scalar_t>
-TileData<scalar_t> tile_data(const at::Tensor& x, const at::Tensor& attn, at::Tensor& matrix,
-                             at::Tensor& grad_attn, at::Tensor& grad_x, at::Tensor& patches) {
-  return {x.data_ptr<scalar_t>(),
-          attn.data_ptr<scalar_t>(),
-          matrix.data_ptr<scalar_t>(),
-          grad_attn.defined() ? grad_attn.data_ptr<scalar_t>() : nullptr,
-          grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr,
-          patches.defined() ? patches.data_ptr<scalar_t>() : nullptr};
+scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+// A thread's tile buffer, row `thread` of (buffers, elements) `buffers`; null when undefined.
+template <typename scalar_t>
+scalar_t* thread_buffer(const at::Tensor& buffers, int64_t thread) {
+  return buffers.defined() ? buffers.data_ptr<scalar_t>() + thread * buffers.size(1) : nullptr;
 }
 
 // attn (B, G, K, H_out, W_out) times the tap mask (K, H_out*W_out), as (B, G, K, H_out*W_out).
@@ -488,7 +526,7 @@ at::Tensor masked_attention(const at::Tensor& attn, const at::Tensor& mask, cons
 // A slot's tensor is used within one call only and never returned. Under
 // torch.jit tracing, which records the calls made here, each call allocates
 // its own (a tensor from an earlier call is unknown to the trace).
-enum Slot { kMatrixBuffers, kPatchBuffers, kWeightGradParts, kInputPlanes, kGradPlanes, kSlots };
+enum Slot { kMatrixBuffers, kPatchBuffers, kWeightGradParts, kInputPlanes, kGradPlanes, kColumns, kSlots };
 
 at::Tensor workspace(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (at::tracer::impl::is_dispatch_enabled()) return at::empty(sizes, options);
@@ -500,6 +538,13 @@ at::Tensor workspace(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& 
     buffer = at::empty({numel}, options);
   }
   return buffer.narrow(0, 0, numel).view(sizes);
+}
+
+// Staging for the columns of a tile of several images, (O, R): their
+// images lie apart in y and dy. Undefined when every tile is one image.
+at::Tensor staging_columns(const Schedule& schedule, int64_t O, const Geometry& g, const at::TensorOptions& options) {
+  const Tile& tile = schedule.tiles.front();
+  return tile.images() == 1 ? at::Tensor() : workspace(kColumns, {O, tile.positions(g)}, options);
 }
 
 // Calls fn(plane) for each of the B*C input planes, in parallel.
@@ -594,23 +639,29 @@ at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Te
   TORCH_CHECK(weight.is_contiguous() && weight.size(1) == g.channels,
               "weight must be a contiguous (O, C, kh, kw) tensor");
   const Schedule schedule = make_schedule(g, tile_elements, thread_elements);
-  const at::Tensor wmat = weight.view({weight.size(0), g.cols()});
+  const int64_t O = weight.size(0);
   const at::Tensor planes = phase_planes(x, g);
   const at::Tensor masked = masked_attention(attn, tap_mask(g, x.options()), g);
-  at::Tensor out = at::empty({g.batch, weight.size(0), g.positions()}, x.options());
+  at::Tensor out = at::empty({g.batch, O, g.positions()}, x.options());
+  const at::Tensor staging_buffer = staging_columns(schedule, O, g, x.options());
   at::Tensor buffers =
       workspace(kMatrixBuffers, {buffer_count(schedule), g.cols() * schedule.max_positions(g)}, x.options());
-  at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_forward", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    scalar_t* staging = data_or_null<scalar_t>(staging_buffer);
     for_each_tile(schedule, false, [&](const Tile& tile, int64_t thread) {
-      at::Tensor patches = tile_matrix(buffers, thread, g, tile);
-      const auto data = tile_data<scalar_t>(planes, masked, patches, none, none, none);
+      const int64_t R = tile.positions(g);
+      const TileData<scalar_t> data{planes.data_ptr<scalar_t>(), masked.data_ptr<scalar_t>(),
+                                    thread_buffer<scalar_t>(buffers, thread), nullptr, nullptr, nullptr};
       for_each_part(schedule, tile, thread, false,
                     [&](const Band& part, int64_t) { build_patches(g, tile, part, data); });
-      multiply_into_columns(out, wmat, patches, g, tile);
+      const Columns<scalar_t> columns = tile_columns<false>(y, O, g, tile, staging);
+      gemm<scalar_t>(false, false, O, R, g.cols(), w, g.cols(), data.matrix, R, 0, columns.data, columns.ld);
+      if (tile.images() > 1) copy_columns<false>(y, O, g, tile, staging);
     });
   });
-  return out.view({g.batch, weight.size(0), g.out_h, g.out_w});
+  return out.view({g.batch, O, g.out_h, g.out_w});
 }
 
 // grad_out (B, O, H_out, W_out) contiguous -> [grad_x (B, C, H, W),
@@ -628,8 +679,6 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   const Schedule schedule = make_schedule(g, tile_elements, thread_elements);
   const int64_t buffers = buffer_count(schedule), elements = g.cols() * schedule.max_positions(g);
   const bool need_q = need_input || need_attn;
-  const at::Tensor wmat = weight.view({O, g.cols()});
-  const at::Tensor dy = grad_out.view({g.batch, O, g.positions()});
   const at::Tensor planes = phase_planes(x, g);
   const at::Tensor mask = tap_mask(g, x.options());
   const at::Tensor masked = masked_attention(attn, mask, g);
@@ -652,15 +701,22 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   }
   at::Tensor q_buffers = need_q ? workspace(kMatrixBuffers, {buffers, elements}, x.options()) : at::Tensor();
   at::Tensor patch_buffers = need_weight ? workspace(kPatchBuffers, {buffers, elements}, x.options()) : at::Tensor();
-  at::Tensor none;
+  const at::Tensor staging_buffer = staging_columns(schedule, O, g, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_backward", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* dy = grad_out.data_ptr<scalar_t>();
+    scalar_t* staging = data_or_null<scalar_t>(staging_buffer);
+    const TileData<scalar_t> all{planes.data_ptr<scalar_t>(), masked.data_ptr<scalar_t>(), nullptr,
+                                 data_or_null<scalar_t>(grad_attn_parts), data_or_null<scalar_t>(grad_planes),
+                                 nullptr};
     for_each_tile(schedule, need_input, [&](const Tile& tile, int64_t thread) {
-      const at::Tensor tile_dy = tile_columns(dy, g, tile);
-      at::Tensor patches = need_weight ? tile_matrix(patch_buffers, thread, g, tile) : at::Tensor();
+      const int64_t R = tile.positions(g);
+      const Columns<scalar_t> tile_dy = tile_columns<true>(dy, O, g, tile, staging);
+      TileData<scalar_t> data = all;
+      data.patches = thread_buffer<scalar_t>(patch_buffers, thread);
       if (need_q) {  // P, when needed, is built in the pass that reads Q
-        at::Tensor q = tile_matrix(q_buffers, thread, g, tile);
-        at::mm_out(q, wmat.t(), tile_dy);
-        const auto data = tile_data<scalar_t>(planes, masked, q, grad_attn_parts, grad_planes, patches);
+        data.matrix = thread_buffer<scalar_t>(q_buffers, thread);
+        gemm<scalar_t>(true, false, g.cols(), R, O, w, g.cols(), tile_dy.data, tile_dy.ld, 0, data.matrix, R);
         for_each_part(schedule, tile, thread, need_input, [&](const Band& part, int64_t part_thread) {
           TileData<scalar_t> part_data = data;
           if (part_data.grad_attn && attn_partials > 1) part_data.grad_attn += part_thread * attn.numel();
@@ -668,17 +724,15 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
         });
       }
       if (need_weight && !need_q) {
-        const auto data = tile_data<scalar_t>(planes, masked, patches, none, none, none);
+        const TileData<scalar_t> build{all.x, all.attn, data.patches, nullptr, nullptr, nullptr};
         for_each_part(schedule, tile, thread, false,
-                      [&](const Band& part, int64_t) { build_patches(g, tile, part, data); });
+                      [&](const Band& part, int64_t) { build_patches(g, tile, part, build); });
       }
       if (need_weight) {
-        at::Tensor part = grad_w_parts.select(0, thread);
-        if (schedule.parallel_tiles) {
-          part.addmm_(tile_dy, patches.t());
-        } else {
-          at::mm_out(part, tile_dy, patches.t());
-        }
+        scalar_t* part = grad_w_parts.data_ptr<scalar_t>() + thread * O * g.cols();
+        // per-thread partials start at zero, added to; the one tile writes
+        gemm<scalar_t>(false, true, O, g.cols(), R, tile_dy.data, tile_dy.ld, data.patches, R,
+                       schedule.parallel_tiles ? 1 : 0, part, g.cols());
       }
     });
   });
