@@ -285,27 +285,6 @@ std::pair<int64_t, int64_t> inside_columns(const Geometry& g, int64_t dj) {
   return {begin, std::clamp(g.plane_w - dj, begin, g.out_w)};
 }
 
-// (K, H_out*W_out): 1 where tap t of output position r reads inside its
-// phase plane, 0 where it falls in the padding.
-at::Tensor tap_mask(const Geometry& g, const at::TensorOptions& options) {
-  at::Tensor mask = at::empty({g.taps(), g.positions()}, options.dtype(at::kFloat));
-  float* m = mask.data_ptr<float>();
-  const Band image{0, 0, g.out_h, 0, 0, g.channels};
-  for (int64_t i = 0; i < g.kh; ++i) {
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const TapShift shift = tap_shift(g, i, j);
-      const auto [first, last] = inside_rows(g, image, shift.di);
-      const auto [lo, hi] = inside_columns(g, shift.dj);
-      for (int64_t oh = 0; oh < g.out_h; ++oh) {
-        for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          *m++ = oh >= first && oh < last && ow >= lo && ow < hi;
-        }
-      }
-    }
-  }
-  return mask.to(options.dtype());
-}
-
 // With plane_w == W_out, output position k = oh*W_out + ow of a tap reads
 // its plane at k + x_offset, so a tap's rows form one flat run. Where the
 // run wraps around a row end it reads the neighbouring row's pixels, and
@@ -321,15 +300,33 @@ std::pair<int64_t, int64_t> flat_run(const Geometry& g, const TapRow& row, const
   return {begin, std::clamp(g.plane_size() - shift, begin, part.oh1 * g.out_w)};
 }
 
-// Sets the columns of rows [first, last) of m whose tap reads outside its
-// plane to zero; m points at output position (0, 0).
+// Sets the positions of the part's output rows where tap (di, dj) reads
+// outside its plane to zero, in m, a row of the tap indexed by output
+// position (m points at position (0, 0)).
 template <typename scalar_t>
-void zero_side_columns(const Geometry& g, int64_t dj, int64_t first, int64_t last, scalar_t* m) {
+void zero_outside(const Geometry& g, const Band& part, int64_t di, int64_t dj, scalar_t* m) {
+  const auto [first, last] = inside_rows(g, part, di);
   const auto [lo, hi] = inside_columns(g, dj);
+  std::fill(m + part.oh0 * g.out_w, m + first * g.out_w, scalar_t(0));
   for (int64_t oh = first; oh < last; ++oh) {
     std::fill(m + oh * g.out_w, m + oh * g.out_w + lo, scalar_t(0));
     std::fill(m + oh * g.out_w + hi, m + (oh + 1) * g.out_w, scalar_t(0));
   }
+  std::fill(m + last * g.out_w, m + part.oh1 * g.out_w, scalar_t(0));
+}
+
+// Masks t (B, G, K, H_out, W_out), contiguous, in place: zero where the tap
+// reads outside its phase plane (in the padding).
+void mask_padding_taps(const Geometry& g, at::Tensor& t) {
+  const Band image{0, 0, g.out_h, 0, 0, g.channels};
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "mask_padding_taps", [&] {
+    scalar_t* data = t.data_ptr<scalar_t>();
+    for (int64_t row = 0; row < g.batch * g.attn_groups * g.taps(); ++row) {
+      const int64_t tap = row % g.taps();
+      const TapShift shift = tap_shift(g, tap / g.kw, tap % g.kw);
+      zero_outside(g, image, shift.di, shift.dj, data + row * g.positions());
+    }
+  });
 }
 
 // Runs over one (channel, tap) row at output positions r0 + k and input
@@ -385,11 +382,7 @@ void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const 
   }
   const auto [first, last] = inside_rows(g, part, row.di);
   const auto [lo, hi] = inside_columns(g, row.dj);
-  if constexpr (kPatches) {
-    std::fill(p + part_begin, p + first * g.out_w, scalar_t(0));
-    std::fill(p + last * g.out_w, p + part_end, scalar_t(0));
-    zero_side_columns(g, row.dj, first, last, p);
-  }
+  if constexpr (kPatches) zero_outside(g, part, row.di, row.dj, p);
   for (int64_t oh = first; oh < last; ++oh) {
     const int64_t r0 = oh * g.out_w, x0 = oh * g.plane_w;
     if constexpr (kPatches) patch_run(r0, x0, lo, hi, a, src, p);
@@ -513,9 +506,11 @@ scalar_t* thread_buffer(const at::Tensor& buffers, int64_t thread) {
   return buffers.defined() ? buffers.data_ptr<scalar_t>() + thread * buffers.size(1) : nullptr;
 }
 
-// attn (B, G, K, H_out, W_out) times the tap mask (K, H_out*W_out), as (B, G, K, H_out*W_out).
-at::Tensor masked_attention(const at::Tensor& attn, const at::Tensor& mask, const Geometry& g) {
-  return attn.view({g.batch, g.attn_groups, g.taps(), g.positions()}) * mask;
+// A copy of attn (B, G, K, H_out, W_out) masked by mask_padding_taps.
+at::Tensor masked_attention(const at::Tensor& attn, const Geometry& g) {
+  at::Tensor masked = attn.clone();
+  mask_padding_taps(g, masked);
+  return masked;
 }
 
 // The op's temporaries, kept per calling thread from one call to the next:
@@ -641,7 +636,7 @@ at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Te
   const Schedule schedule = make_schedule(g, tile_elements, thread_elements);
   const int64_t O = weight.size(0);
   const at::Tensor planes = phase_planes(x, g);
-  const at::Tensor masked = masked_attention(attn, tap_mask(g, x.options()), g);
+  const at::Tensor masked = masked_attention(attn, g);
   at::Tensor out = at::empty({g.batch, O, g.positions()}, x.options());
   const at::Tensor staging_buffer = staging_columns(schedule, O, g, x.options());
   at::Tensor buffers =
@@ -680,8 +675,7 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   const int64_t buffers = buffer_count(schedule), elements = g.cols() * schedule.max_positions(g);
   const bool need_q = need_input || need_attn;
   const at::Tensor planes = phase_planes(x, g);
-  const at::Tensor mask = tap_mask(g, x.options());
-  const at::Tensor masked = masked_attention(attn, mask, g);
+  const at::Tensor masked = masked_attention(attn, g);
   // the input gradient itself for stride 1
   at::Tensor grad_planes;
   if (need_input) {
@@ -742,10 +736,8 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   }
   at::Tensor grad_attn;
   if (need_attn) {
-    grad_attn = (attn_partials == 1 ? grad_attn_parts.select(0, 0) : grad_attn_parts.sum(0))
-                    .view({g.batch, g.attn_groups, g.taps(), g.positions()})
-                    .mul_(mask)
-                    .view(attn.sizes());
+    grad_attn = (attn_partials == 1 ? grad_attn_parts.select(0, 0) : grad_attn_parts.sum(0)).view(attn.sizes());
+    mask_padding_taps(g, grad_attn);
   }
   at::Tensor grad_x = need_input ? from_phase_planes(grad_planes, g) : at::Tensor();
   return {grad_x, grad_attn, grad_weight};
