@@ -427,9 +427,8 @@ void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
 
 // Row-major C (m x n) = op(A) (m x k) @ op(B) (k x n) + beta * C, leading
 // dimensions lda, ldb, ldc: the Fortran BLAS GEMM that libtorch itself calls
-// (MKL or OpenBLAS), called directly. Through at::mm_out on tile views, the
-// tensor bookkeeping of a layer's few dozen small GEMMs a step took about as
-// long as its element-wise backward pass.
+// (MKL or OpenBLAS), called directly: at::mm_out on per-tile tensor views
+// cost 3-6% of a whole layer step at C = 64, 56x56 in views and dispatch.
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
