@@ -1,3 +1,5 @@
+import glob
+
 from setuptools import find_packages, setup
 
 try:
@@ -32,12 +34,10 @@ setup(
     # one torch already loaded (its libgomp.so.1).
     ext_modules=[
         CppExtension(
-            f'mmdynconv.ops._{name}', [f'mmdynconv/ops/csrc/{source}'],
+            'mmdynconv.ops._cpu',
+            sorted(glob.glob('mmdynconv/ops/csrc/*.cpp')),
             extra_compile_args=['-O3', '-march=native', '-fopenmp'],
             extra_link_args=['-fopenmp'])
-        for name, source in [('aik_cpu', 'aik_conv2d_cpu.cpp'),
-                             ('depthwise_cpu', 'depthwise_context_cpu.cpp'),
-                             ('attention_tail_cpu', 'attention_tail_cpu.cpp')]
     ],
     cmdclass={'build_ext': BuildExtension},
     license='Apache-2.0',

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmdynconv.ops import attention_tail, depthwise_context
+from mmdynconv.ops import attention_generator, depthwise_context
 
 
 @pytest.fixture(autouse=True)
@@ -11,13 +11,11 @@ def _seed():
 
 @pytest.fixture(params=['compiled', 'torch'])
 def generator_path(request, monkeypatch):
-    """Runs a test on the generator's compiled passes, the depthwise one and
-    the tail (which must be built), and on their torch paths (CUDA, or no
-    extensions)."""
+    """Runs a test on the generator's compiled path (which must be built)
+    and on its torch path (CUDA, or no extension)."""
     if request.param == 'compiled':
-        assert depthwise_context.AVAILABLE, 'the depthwise extension is not built'
-        assert attention_tail.AVAILABLE, 'the tail extension is not built'
+        assert attention_generator.AVAILABLE, 'the CPU extension is not built'
     else:
         monkeypatch.setattr(depthwise_context, 'AVAILABLE', False)
-        monkeypatch.setattr(attention_tail, 'AVAILABLE', False)
+        monkeypatch.setattr(attention_generator, 'AVAILABLE', False)
     return request.param

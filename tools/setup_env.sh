@@ -57,10 +57,10 @@ fi
 log "installing the cached mmcv wheel and the rest of the stack"
 "${PIP[@]}" "$MMCV_WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl
 "${PIP[@]}" -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
-log "installing mmdynconv (compiles its three CPU extensions, about three minutes)"
+log "installing mmdynconv (compiles its CPU extension, about three minutes)"
 "${PIP[@]}" --no-deps --no-build-isolation --use-pep517 -e "$ROOT"
 
-"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpretrain, mmdynconv.ops._aik_cpu, mmdynconv.ops._depthwise_cpu, mmdynconv.ops._attention_tail_cpu' \
+"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpretrain, mmdynconv.ops._cpu' \
   || { log "the installed stack does not import"; exit 1; }
 fingerprint > "$STAMP"
 log "done"

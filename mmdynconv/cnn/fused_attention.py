@@ -28,9 +28,11 @@ so that no C-channel map but x's gradient is written.
 
 The tail (fusion, fusion norm, ReLU, head, activation) works on M or fewer
 channels and is differentiated by hand from the kept local maps and the
-attention itself (which the AIK op keeps anyway); on CPU it is one compiled
-call each way (:mod:`mmdynconv.ops.attention_tail`), elsewhere the torch
-ops below.
+attention itself (which the AIK op keeps anyway).
+
+On CPU the whole generator is one compiled call each way
+(:mod:`mmdynconv.ops.attention_generator`, the same algebra in C++);
+elsewhere the torch ops below compute it.
 """
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from mmdynconv.ops import attention_tail
+from mmdynconv.ops import attention_generator
 from mmdynconv.ops.depthwise_context import (depthwise_context,
                                             depthwise_context_backward)
 
@@ -331,34 +333,23 @@ def _activate(gen: nn.Module, logits: Tensor) -> Tensor:
     return attn.mul_(2) if gen.act == '2sigmoid' else attn
 
 
-def _fusion(gen: nn.Module, glob: Optional[Tensor]) -> Optional[str]:
-    return None if glob is None else gen.fusion
-
-
 def _attention(gen: nn.Module, local_maps: Tensor,
                pooled: Optional[Tensor]) -> Tuple[Tensor, _Stats]:
     """The tail on the local maps (B, M, P): A (B, G*K, P) and the fusion
     norm's statistics (with batch statistics, its running ones updated)."""
-    if not attention_tail.compiled(local_maps):
-        tail = _tail(gen, local_maps, pooled)
-        return _activate(gen, _logits(gen, tail.hidden)), tail.stats
-    norm = gen.fuse_norm
-    glob = _global(gen, pooled)
-    batch_stats = uses_batch_statistics(norm)
-    stats = None if batch_stats else _running_statistics(norm)
-    logits, mean, var = attention_tail.tail_forward(
-        local_maps, glob, _fusion(gen, glob), stats, norm.weight, norm.bias,
-        norm.eps, gen.head.weight.flatten(1), gen.head.bias)
-    if batch_stats:
-        stats = _batch_statistics(norm, mean, var,
-                                  local_maps.shape[0] * local_maps.shape[2])
-    return _activate(gen, logits), stats
+    tail = _tail(gen, local_maps, pooled)
+    return _activate(gen, _logits(gen, tail.hidden)), tail.stats
 
 
 def _forward(gen: nn.Module, x: Tensor):
     """(B, C, H, W) -> A (B, G, K, h, w) contiguous, and for backward the
     pooled input (B, C; None without a global branch), the local maps
     (B, M, h*w) and the two norms' statistics."""
+    if attention_generator.compiled(x):
+        attn, pooled, local_maps, *stats = \
+            attention_generator.generator_forward(x, _compiled_args(gen))
+        return (attn, pooled, local_maps, _Stats(*stats[:2]),
+                _Stats(*stats[2:]))
     local = _local(gen, x)
     pooled = None if gen.global_proj is None else local.pooled
     local_maps = local.output()
@@ -366,6 +357,25 @@ def _forward(gen: nn.Module, x: Tensor):
     attn = attn.view(x.shape[0], gen.attn_groups, -1,
                      *_local_out_size(gen, x))
     return attn, pooled, local_maps, local.stats, fuse_stats
+
+
+def _compiled_args(gen: nn.Module) -> attention_generator.GeneratorArgs:
+    conv = gen.local_conv
+    global_proj = None if gen.global_proj is None else gen.global_proj.weight
+    return attention_generator.GeneratorArgs(
+        conv.weight, conv.stride, conv.padding, conv.dilation,
+        _norm_args(gen.local_norm), gen.local_proj.weight, global_proj,
+        None if global_proj is None else gen.fusion,
+        _norm_args(gen.fuse_norm), gen.head.weight, gen.head.bias, gen.act,
+        gen.attn_groups)
+
+
+def _norm_args(norm: nn.BatchNorm2d) -> attention_generator.NormArgs:
+    return attention_generator.NormArgs(norm.weight, norm.bias,
+                                        norm.running_mean, norm.running_var,
+                                        norm.num_batches_tracked,
+                                        norm.momentum, norm.eps,
+                                        uses_batch_statistics(norm))
 
 
 def fused_attention(gen: nn.Module, x: Tensor) -> Tensor:
@@ -447,24 +457,9 @@ def _attention_backward(gen: nn.Module, local_maps: Tensor,
         without) and of the fusion norm's weight and bias and the head's
         weight and bias.
     """
-    if not attention_tail.compiled(local_maps):
-        tail = _tail(gen, local_maps, pooled, stats)
-        grad_logits = _activation_backward(gen, _flat(attn),
-                                           _flat(grad_attn))
-        return _tail_backward(gen, tail, grad_logits)
-    norm = gen.fuse_norm
-    glob = _global(gen, pooled)
-    scale = _scale(norm, stats)
-    terms = _statistics_terms(norm, stats, scale,
-                              local_maps.shape[0] * local_maps.shape[2])
-    (grad_local, grad_glob, grad_sum, grad_dot, grad_head,
-     grad_head_b) = attention_tail.tail_backward(
-         local_maps, glob, _fusion(gen, glob), stats.mean, scale, terms,
-         norm.bias, gen.head.weight.flatten(1), _flat(attn),
-         _flat(grad_attn), gen.act, gen.attn_groups)
-    return (grad_local, grad_glob,
-            *_norm_param_grads(norm, stats, grad_sum, grad_dot),
-            grad_head.view_as(gen.head.weight), grad_head_b)
+    tail = _tail(gen, local_maps, pooled, stats)
+    grad_logits = _activation_backward(gen, _flat(attn), _flat(grad_attn))
+    return _tail_backward(gen, tail, grad_logits)
 
 
 def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
@@ -508,6 +503,11 @@ def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
     grad_x_into: None, or a contiguous tensor of x's shape and dtype to which
     x's gradient is added in place (and which is returned as it), saving a
     full-size tensor and a pass when x has another gradient already."""
+    if attention_generator.compiled(x):
+        return attention_generator.generator_backward(
+            x, attn, grad_attn,
+            [pooled, local_maps, *local_stats, *fuse_stats],
+            _compiled_args(gen), needs[:2], grad_x_into)
     (grad_local, grad_glob, grad_fuse_w, grad_fuse_b, grad_head,
      grad_head_b) = _attention_backward(gen, local_maps, pooled, attn,
                                         grad_attn, fuse_stats)

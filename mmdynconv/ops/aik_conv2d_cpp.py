@@ -26,15 +26,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import extension
 from .aik_conv2d import AIKConv2dFunction, ConvGeometry, in_layout_of
 
-try:
-    from . import _aik_cpu
-except ImportError:  # not built: running from a plain source tree
-    _aik_cpu = None
-
-AVAILABLE = _aik_cpu is not None
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+AVAILABLE = extension.cpu is not None
 # Elements of one tile's patch matrix (512 KiB in float32: a thread's two
 # backward buffers stay in its L2 cache); also decides the schedule.
 TILE_ELEMENTS = 1 << 17
@@ -44,8 +39,8 @@ THREAD_ELEMENTS = 1 << 15
 
 def supports(input: Tensor, geo: ConvGeometry) -> bool:
     """Whether the compiled path covers this call."""
-    return (AVAILABLE and input.device.type == 'cpu' and geo.groups == 1
-            and input.dtype in SUPPORTED_DTYPES and input.numel() > 0)
+    return (AVAILABLE and extension.takes(input) and geo.groups == 1
+            and input.numel() > 0)
 
 
 def _conv_args(geo: ConvGeometry):
@@ -55,7 +50,7 @@ def _conv_args(geo: ConvGeometry):
 def compiled_forward(input: Tensor, attn: Tensor, weight: Tensor,
                      bias: Optional[Tensor], geo: ConvGeometry) -> Tensor:
     """The op by the extension (no autograd), in input's layout."""
-    out = _aik_cpu.forward(input.contiguous(), attn.contiguous(),
+    out = extension.cpu.aik_forward(input.contiguous(), attn.contiguous(),
                            weight.contiguous(), *_conv_args(geo))
     if bias is not None:
         out.add_(bias.view(1, -1, 1, 1))
@@ -68,7 +63,7 @@ def compiled_backward(grad_out: Tensor, input: Tensor, attn: Tensor,
     """Gradients of input (in its layout), attn, weight and bias from that of
     the output; needs: which of the four (None where not)."""
     need_input, need_attn, need_weight, need_bias = needs
-    grad_input, grad_attn, grad_weight = _aik_cpu.backward(
+    grad_input, grad_attn, grad_weight = extension.cpu.aik_backward(
         grad_out.contiguous(), input.contiguous(), attn.contiguous(),
         weight.contiguous(), *_conv_args(geo), need_input, need_attn,
         need_weight)
@@ -106,7 +101,7 @@ def aik_conv2d_cpp(input: Tensor, attn: Tensor, weight: Tensor,
     """The compiled path where it applies, else the torch path."""
     if not AVAILABLE:
         raise RuntimeError(
-            "impl='cpp' needs the compiled extension mmdynconv.ops._aik_cpu, "
+            "impl='cpp' needs the compiled extension mmdynconv.ops._cpu, "
             'which is not built; install mmdynconv with pip (see README)')
     if supports(input, geo):
         return AIKConv2dCppFunction.apply(input, attn, weight, bias, geo)

@@ -3,11 +3,13 @@ centred per channel, its batch statistics and the input's spatial mean, in
 one pass over x; and its backward through the norm and the 1*1 projection
 that follow it, which recomputes the conv, in one pass.
 
-On CPU in float32/float64 the compiled extension ``_depthwise_cpu``
+On CPU in float32/float64 the compiled extension
 (``csrc/depthwise_context_cpu.cpp``) does each direction in one pass over
 NCHW maps; elsewhere (or unbuilt) torch's ops compute the same. These are
 plain functions: :mod:`mmdynconv.cnn.fused_attention` differentiates by
-hand and calls :func:`depthwise_context_backward` itself.
+hand and calls :func:`depthwise_context_backward` itself on its torch path;
+its compiled path, :mod:`.attention_generator`, runs the compiled passes
+from C++.
 """
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -15,12 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from . import _depthwise_cpu
-except ImportError:  # not built: running from a plain source tree
-    _depthwise_cpu = None
+from . import extension
 
-AVAILABLE = _depthwise_cpu is not None
+AVAILABLE = extension.cpu is not None
 Pair = Tuple[int, int]
 
 
@@ -34,8 +33,7 @@ class DepthwiseContext(NamedTuple):
 
 def compiled(x: Tensor) -> bool:
     """Whether the extension handles x."""
-    return (AVAILABLE and x.device.type == 'cpu'
-            and x.dtype in (torch.float32, torch.float64))
+    return AVAILABLE and extension.takes(x)
 
 
 def depthwise_context(x: Tensor,
@@ -48,7 +46,7 @@ def depthwise_context(x: Tensor,
     bias, centred by its own batch mean per channel (mean None) or by mean
     (C,); and x's spatial mean (B, C)."""
     if compiled(x):
-        z, mean, var, pooled = _depthwise_cpu.forward(
+        z, mean, var, pooled = extension.cpu.depthwise_context_forward(
             x.contiguous(), weight.contiguous(), stride, padding, dilation,
             mean if mean is None else mean.contiguous())
         return DepthwiseContext(z, mean, var, pooled)
@@ -95,7 +93,7 @@ def depthwise_context_backward(
         gradient follows.
     """
     if compiled(x):
-        return _depthwise_cpu.backward(
+        return extension.cpu.depthwise_context_backward(
             grad_local.contiguous(), proj.contiguous(), x.contiguous(),
             weight.contiguous(), stride, padding, dilation,
             mean.contiguous(), scale.contiguous(),

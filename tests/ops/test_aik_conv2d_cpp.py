@@ -12,7 +12,7 @@ from test_aik_conv2d import loop_reference, make_case
 
 
 def test_extension_is_built_and_default_on_cpu():
-    assert cpp.AVAILABLE, 'setup.py did not build mmdynconv.ops._aik_cpu'
+    assert cpp.AVAILABLE, 'setup.py did not build mmdynconv.ops._cpu'
     assert _default_impl(torch.zeros(1)) == 'cpp'
 
 

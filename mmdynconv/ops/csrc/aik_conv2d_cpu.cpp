@@ -43,6 +43,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_ops.h"
+
 namespace {
 
 // With stride s, x is read through its s_h*s_w phase planes,
@@ -740,10 +742,4 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
   }
   at::Tensor grad_x = need_input ? from_phase_planes(grad_planes, g) : at::Tensor();
   return {grad_x, grad_attn, grad_weight};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "AIK convolution on CPU (groups == 1): tiled patch GEMMs";
-  m.def("forward", &aik_forward, "AIK convolution forward");
-  m.def("backward", &aik_backward, "AIK convolution backward");
 }

@@ -1,4 +1,4 @@
-// The tail of the AIK attention generator on CPU (see attention_tail.py):
+// The tail of the AIK attention generator on CPU (called by attention_generator_cpu.cpp):
 // from the local maps L (B, M, P) and the global vector g (B, M), per
 // sample b and position p,
 //
@@ -19,6 +19,8 @@
 #include <cmath>
 #include <optional>
 #include <vector>
+
+#include "cpu_ops.h"
 
 namespace {
 
@@ -411,10 +413,4 @@ std::vector<at::Tensor> tail_backward(const at::Tensor& local, const std::option
                                      act, groups);
   });
   return result;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "The AIK attention generator's tail (fusion, fusion norm, head, activation) on CPU";
-  m.def("forward", &tail_forward, "the attention logits from the local maps and the global vector");
-  m.def("backward", &tail_backward, "the tail's gradients from the attention's");
 }

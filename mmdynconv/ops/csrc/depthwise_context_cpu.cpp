@@ -29,6 +29,8 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_ops.h"
+
 namespace {
 
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -551,10 +553,4 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_local,
     });
   });
   return {grad_x, grad_weight, cross};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "The AIK attention generator's depthwise conv, batch statistics and pooled mean on CPU";
-  m.def("forward", &depthwise_context_forward, "depthwise conv, its batch statistics and the pooled mean");
-  m.def("backward", &depthwise_context_backward, "gradients of x and of the depthwise weight from the local maps' gradient");
 }
