@@ -344,19 +344,21 @@ def _attention(gen: nn.Module, local_maps: Tensor,
 def _forward(gen: nn.Module, x: Tensor):
     """(B, C, H, W) -> A (B, G, K, h, w) contiguous, and for backward the
     pooled input (B, C; None without a global branch), the local maps
-    (B, M, h*w) and the two norms' statistics."""
+    (B, M, h*w), the two norms' statistics and, on the compiled path, the
+    generator's arguments (None on the torch path)."""
     if attention_generator.compiled(x):
+        args = _compiled_args(gen)
         attn, pooled, local_maps, *stats = \
-            attention_generator.generator_forward(x, _compiled_args(gen))
+            attention_generator.generator_forward(x, args)
         return (attn, pooled, local_maps, _Stats(*stats[:2]),
-                _Stats(*stats[2:]))
+                _Stats(*stats[2:]), args)
     local = _local(gen, x)
     pooled = None if gen.global_proj is None else local.pooled
     local_maps = local.output()
     attn, fuse_stats = _attention(gen, local_maps, pooled)
     attn = attn.view(x.shape[0], gen.attn_groups, -1,
                      *_local_out_size(gen, x))
-    return attn, pooled, local_maps, local.stats, fuse_stats
+    return attn, pooled, local_maps, local.stats, fuse_stats, None
 
 
 def _compiled_args(gen: nn.Module) -> attention_generator.GeneratorArgs:
@@ -496,18 +498,21 @@ def _local_backward(gen: nn.Module, x: Tensor, stats: _Stats,
 
 def _backward(gen: nn.Module, x: Tensor, attn: Tensor, grad_attn: Tensor,
               pooled: Optional[Tensor], local_maps: Tensor,
-              local_stats: _Stats, fuse_stats: _Stats, needs: List[bool],
-              grad_x_into: Optional[Tensor] = None):
-    """Gradients of x and of :func:`fused_params`, in that order.
+              local_stats: _Stats, fuse_stats: _Stats,
+              args: Optional[attention_generator.GeneratorArgs],
+              needs: List[bool], grad_x_into: Optional[Tensor] = None):
+    """Gradients of x and of :func:`fused_params`, in that order, from what
+    :func:`_forward` returned (args: on the compiled path, the generator's
+    arguments of that forward).
 
     grad_x_into: None, or a contiguous tensor of x's shape and dtype to which
     x's gradient is added in place (and which is returned as it), saving a
     full-size tensor and a pass when x has another gradient already."""
-    if attention_generator.compiled(x):
+    if args is not None:
         return attention_generator.generator_backward(
             x, attn, grad_attn,
-            [pooled, local_maps, *local_stats, *fuse_stats],
-            _compiled_args(gen), needs[:2], grad_x_into)
+            [pooled, local_maps, *local_stats, *fuse_stats], args, needs[:2],
+            grad_x_into)
     (grad_local, grad_glob, grad_fuse_w, grad_fuse_b, grad_head,
      grad_head_b) = _attention_backward(gen, local_maps, pooled, attn,
                                         grad_attn, fuse_stats)
@@ -531,7 +536,8 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gen, x, *params):
-        attn, pooled, local_maps, local_stats, fuse_stats = _forward(gen, x)
+        attn, pooled, local_maps, local_stats, fuse_stats, ctx.args = \
+            _forward(gen, x)
         ctx.gen = gen
         ctx.save_for_backward(x, attn, pooled, local_maps, *local_stats,
                               *fuse_stats)
@@ -543,5 +549,6 @@ class FusedAttention(torch.autograd.Function):
         x, attn, pooled, local_maps, *stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
         grads = _backward(ctx.gen, x, attn, grad_attn, pooled, local_maps,
-                          _Stats(*stats[:2]), _Stats(*stats[2:]), needs)
+                          _Stats(*stats[:2]), _Stats(*stats[2:]), ctx.args,
+                          needs)
         return (None, *(g if need else None for g, need in zip(grads, needs)))

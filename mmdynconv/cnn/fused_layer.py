@@ -43,7 +43,8 @@ class AIKLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gen, x, weight, bias, geo, *params):
-        attn, pooled, local_maps, local_stats, fuse_stats = _forward(gen, x)
+        attn, pooled, local_maps, local_stats, fuse_stats, ctx.args = \
+            _forward(gen, x)
         ctx.gen, ctx.geo, ctx.has_bias = gen, geo, bias is not None
         ctx.save_for_backward(x, attn, weight, pooled, local_maps,
                               *local_stats, *fuse_stats)
@@ -64,7 +65,7 @@ class AIKLayerFunction(torch.autograd.Function):
             into = grad_x is not None and grad_x.is_contiguous()
             gen_grads = _backward(ctx.gen, x, attn, grad_attn, pooled,
                                   local_maps, _Stats(*stats[:2]),
-                                  _Stats(*stats[2:]), gen_needs,
+                                  _Stats(*stats[2:]), ctx.args, gen_needs,
                                   grad_x if into else None)
             if grad_x is not None and not into:
                 grad_x.add_(gen_grads[0])

@@ -12,9 +12,14 @@
 //             depthwise pass through the local norm and projection, and
 //             every parameter's gradient.
 //
-// Gluing the compiled passes here rather than in Python saves the
-// interpreter's share of a training step (tens of small ops, each a Python
-// call), which at ResNet's large maps was as long as the passes themselves.
+// Gluing the compiled passes here, and doing the per-channel algebra in
+// plain loops rather than in tens of small tensor ops, saves most of what a
+// step spent outside the passes: each small op, from Python or from here,
+// costs microseconds of dispatch and allocation.
+#include <cmath>
+#include <vector>
+
+#include "blas.h"
 #include "cpu_ops.h"
 
 namespace {
@@ -37,51 +42,131 @@ struct Norm {
         momentum(std::get<5>(args)),
         eps(std::get<6>(args)),
         batch_stats(std::get<7>(args)) {}
-
-  // weight * invstd, (C,): the norm is (maps - mean) * scale + bias.
-  at::Tensor scale(const at::Tensor& invstd) const { return weight.defined() ? weight * invstd : invstd; }
-
-  // The terms through the batch statistics (see tail_backward), (C, 2), for
-  // count values per channel; undefined with running statistics.
-  at::Tensor statistics_terms(const at::Tensor& scale, const at::Tensor& invstd, int64_t count) const {
-    if (!batch_stats) return at::Tensor();
-    return at::stack({scale * invstd.square(), scale}, 1).div_(-static_cast<double>(count));
-  }
-
-  // The gradients of weight and bias (undefined without affine) from
-  // sum(g) and sum(g * centred), g the gradient at the norm's output.
-  std::pair<at::Tensor, at::Tensor> param_grads(const at::Tensor& invstd, const at::Tensor& grad_sum,
-                                                const at::Tensor& grad_dot) const {
-    if (!weight.defined()) return {};
-    return {grad_dot * invstd, grad_sum};
-  }
 };
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
 
 // A norm's mean and 1 / sqrt(var + eps), (C,).
 struct Stats {
   at::Tensor mean, invstd;
 };
 
+template <typename T>
+at::Tensor inverse_std(const at::Tensor& var, double eps) {
+  at::Tensor invstd = at::empty_like(var);
+  const T* v = var.data_ptr<T>();
+  T* out = invstd.data_ptr<T>();
+  for (int64_t c = 0; c < var.numel(); ++c) out[c] = T(1) / std::sqrt(v[c] + static_cast<T>(eps));
+  return invstd;
+}
+
 // The running statistics (copied: the buffers change before backward).
+template <typename T>
 Stats running_statistics(const Norm& norm) {
-  return {norm.running_mean.clone(), (norm.running_var + norm.eps).rsqrt()};
+  return {norm.running_mean.clone(), inverse_std<T>(norm.running_var, norm.eps)};
 }
 
 // The statistics of a batch of count values per channel with this mean and
 // biased variance, updating the running ones as one training forward of
 // nn.BatchNorm2d does (momentum None: cumulative average; running_var from
 // the unbiased variance).
+template <typename T>
 Stats batch_statistics(const Norm& norm, const at::Tensor& mean, const at::Tensor& var, int64_t count) {
   if (norm.running_mean.defined()) {
     double factor = norm.momentum.value_or(0.0);
     if (norm.num_batches_tracked.defined()) {
-      norm.num_batches_tracked.add_(1);
-      if (!norm.momentum) factor = 1.0 / norm.num_batches_tracked.item<double>();
+      int64_t& batches = *norm.num_batches_tracked.data_ptr<int64_t>();
+      ++batches;
+      if (!norm.momentum) factor = 1.0 / static_cast<double>(batches);
     }
-    norm.running_mean.lerp_(mean, factor);
-    norm.running_var.lerp_(var * (static_cast<double>(count) / (count - 1)), factor);
+    const T f = static_cast<T>(factor), unbiased = static_cast<T>(double(count) / double(count - 1));
+    const T *m = mean.data_ptr<T>(), *v = var.data_ptr<T>();
+    T *running_mean = norm.running_mean.data_ptr<T>(), *running_var = norm.running_var.data_ptr<T>();
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      running_mean[c] += f * (m[c] - running_mean[c]);
+      running_var[c] += f * (v[c] * unbiased - running_var[c]);
+    }
   }
-  return {mean, (var + norm.eps).rsqrt()};
+  return {mean, inverse_std<T>(var, norm.eps)};
+}
+
+// The norm as an affine map of the centred maps, (maps - mean) * scale +
+// bias, and the terms of its backward through the batch statistics (see
+// tail_backward), for count values per channel: scale (C,), terms (C, 2),
+// undefined with running statistics.
+struct Affine {
+  at::Tensor scale, terms;
+};
+
+template <typename T>
+Affine affine(const Norm& norm, const at::Tensor& invstd, int64_t count) {
+  const int64_t C = invstd.numel();
+  at::Tensor scale = at::empty_like(invstd);
+  at::Tensor terms = norm.batch_stats ? at::empty({C, 2}, invstd.options()) : at::Tensor();
+  const T *gamma = data_or_null<T>(norm.weight), *is = invstd.data_ptr<T>();
+  T* sc = scale.data_ptr<T>();
+  T* tm = terms.defined() ? terms.data_ptr<T>() : nullptr;
+  for (int64_t c = 0; c < C; ++c) {
+    sc[c] = gamma ? gamma[c] * is[c] : is[c];
+    if (tm) {
+      tm[2 * c] = -sc[c] * is[c] * is[c] / static_cast<T>(count);
+      tm[2 * c + 1] = -sc[c] / static_cast<T>(count);
+    }
+  }
+  return {scale, terms};
+}
+
+// rows (R, K) @ columns^T, columns (N, K) -> (R, N); small (R, N), plain
+// loops.
+template <typename T>
+void rows_times_transposed(const T* rows, const T* columns, int64_t R, int64_t N, int64_t K, T* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t n = 0; n < N; ++n) {
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += rows[r * K + k] * columns[n * K + k];
+      out[r * N + n] = acc;
+    }
+  }
+}
+
+// The global vectors pooled (B, C) @ global_proj^T -> (B, M).
+template <typename T>
+at::Tensor global_vectors(const at::Tensor& pooled, const at::Tensor& global_proj) {
+  const int64_t B = pooled.size(0), C = pooled.size(1), M = global_proj.size(0);
+  at::Tensor glob = at::empty({B, M}, pooled.options());
+  rows_times_transposed(pooled.data_ptr<T>(), global_proj.data_ptr<T>(), B, M, C, glob.data_ptr<T>());
+  return glob;
+}
+
+// local = local_proj(norm(z)) = (W1 * scale) @ centred + W1 @ beta per
+// sample, centred (B, C, P) -> (B, M, P).
+template <typename T>
+at::Tensor local_maps(const at::Tensor& centred, const at::Tensor& proj, const at::Tensor& scale,
+                      const at::Tensor& beta) {
+  const int64_t B = centred.size(0), C = centred.size(1), P = centred.size(2), M = proj.size(0);
+  const T *w = proj.data_ptr<T>(), *sc = scale.data_ptr<T>(), *bias = data_or_null<T>(beta);
+  std::vector<T> folded(M * C), offset(M, T(0));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < C; ++c) {
+      folded[m * C + c] = w[m * C + c] * sc[c];
+      if (bias) offset[m] += w[m * C + c] * bias[c];
+    }
+  }
+  at::Tensor maps = at::empty({B, M, P}, centred.options());
+  T* out = maps.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t m = 0; m < M; ++m) std::fill_n(out + (b * M + m) * P, P, offset[m]);
+    gemm<T>(false, false, M, P, C, folded.data(), C, centred.data_ptr<T>() + b * C * P, P, 1, out + b * M * P, P);
+  }
+  return maps;
 }
 
 // A = act(logits), in place on the logits (B, G*K, P).
@@ -95,6 +180,143 @@ at::Tensor activate(at::Tensor logits, int64_t act, int64_t groups) {
 }
 
 at::Tensor matrix(const at::Tensor& conv_weight) { return conv_weight.view({conv_weight.size(0), -1}); }
+
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& local_conv, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation, const Norm& local_norm,
+                                     const at::Tensor& local_proj, const std::optional<at::Tensor>& global_proj,
+                                     int64_t fusion, const Norm& fuse_norm, const at::Tensor& head_weight,
+                                     const at::Tensor& head_bias, int64_t act, int64_t groups) {
+  const int64_t batch = x.size(0);
+  Stats local = local_norm.batch_stats ? Stats{} : running_statistics<T>(local_norm);
+  const std::vector<at::Tensor> context =
+      depthwise_context_forward(x, local_conv.contiguous(), stride, padding, dilation,
+                                local_norm.batch_stats ? std::nullopt : optional(local.mean));
+  const at::Tensor& z = context[0];
+  const at::Tensor centred = z.view({batch, z.size(1), -1});
+  const int64_t count = batch * centred.size(2);
+  if (local_norm.batch_stats) local = batch_statistics<T>(local_norm, context[1], context[2], count);
+  const at::Tensor maps = local_maps<T>(centred, matrix(local_proj), affine<T>(local_norm, local.invstd, count).scale,
+                                        local_norm.bias);
+
+  at::Tensor pooled, glob;
+  if (global_proj.has_value()) {
+    pooled = context[3];
+    glob = global_vectors<T>(pooled, matrix(*global_proj));
+  }
+  Stats fuse = fuse_norm.batch_stats ? Stats{} : running_statistics<T>(fuse_norm);
+  const std::vector<at::Tensor> tail =
+      tail_forward(maps, optional(glob), fusion, optional(fuse.mean), optional(fuse.invstd), fuse_norm.weight,
+                   fuse_norm.bias, fuse_norm.eps, matrix(head_weight), head_bias);
+  if (fuse_norm.batch_stats) fuse = batch_statistics<T>(fuse_norm, tail[1], tail[2], count);
+
+  const at::Tensor attn = activate(tail[0], act, groups).view({batch, groups, -1, z.size(2), z.size(3)});
+  return {attn, pooled, maps, local.mean, local.invstd, fuse.mean, fuse.invstd};
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& grad_attn,
+                                      const std::optional<at::Tensor>& pooled, const at::Tensor& maps,
+                                      const Stats& local, const Stats& fuse, const at::Tensor& local_conv,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      const Norm& local_norm, const at::Tensor& local_proj,
+                                      const std::optional<at::Tensor>& global_proj, int64_t fusion,
+                                      const Norm& fuse_norm, const at::Tensor& head_weight, int64_t act,
+                                      int64_t groups, bool need_x, bool need_local_conv,
+                                      const std::optional<at::Tensor>& grad_x_into) {
+  const int64_t B = maps.size(0), M = maps.size(1), P = maps.size(2), C = x.size(1), count = B * P;
+  const at::Tensor flat_attn = attn.view({B, -1, P});
+
+  at::Tensor glob;
+  if (global_proj.has_value()) glob = global_vectors<T>(*pooled, matrix(*global_proj));
+  const Affine fuse_affine = affine<T>(fuse_norm, fuse.invstd, count);
+  const std::vector<at::Tensor> tail =
+      tail_backward(maps, optional(glob), fusion, fuse.mean, fuse_affine.scale, optional(fuse_affine.terms),
+                    fuse_norm.bias,
+                    matrix(head_weight), flat_attn, grad_attn.contiguous().view_as(flat_attn), act, groups);
+  const at::Tensor &grad_maps = tail[0], &grad_glob = tail[1];
+
+  // the fusion norm's parameters: d gamma = sum(dN * centred) * invstd,
+  // d beta = sum(dN)
+  at::Tensor grad_fuse_weight, grad_fuse_bias;
+  if (fuse_norm.weight.defined()) {
+    grad_fuse_weight = tail[3] * fuse.invstd;
+    grad_fuse_bias = tail[2];
+  }
+
+  // glob = pooled @ Wg^T: d Wg = d glob^T @ pooled, d pooled = d glob @ Wg
+  at::Tensor grad_global, grad_pooled;
+  if (global_proj.has_value()) {
+    grad_global = at::empty(global_proj->sizes(), x.options());
+    grad_pooled = at::empty({B, C}, x.options());
+    const T *dg = grad_glob.data_ptr<T>(), *pd = pooled->data_ptr<T>(), *wg = global_proj->data_ptr<T>();
+    T *dwg = grad_global.data_ptr<T>(), *dp = grad_pooled.data_ptr<T>();
+    std::fill_n(dwg, M * C, T(0));
+    std::fill_n(dp, B * C, T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t m = 0; m < M; ++m) {
+        const T g = dg[b * M + m];
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          dwg[m * C + c] += g * pd[b * C + c];
+          dp[b * C + c] += g * wg[m * C + c];
+        }
+      }
+    }
+  }
+
+  const at::Tensor proj = matrix(local_proj);
+  const Affine local_affine = affine<T>(local_norm, local.invstd, count);
+  const std::vector<at::Tensor> dw = depthwise_context_backward(
+      grad_maps, proj, x, local_conv.contiguous(), stride, padding, dilation, local.mean, local_affine.scale,
+      optional(local_affine.terms), optional(grad_pooled), grad_x_into, need_x, need_local_conv);
+
+  // local = W1 @ (centred * scale + beta), with cross = sum_b dlocal_b
+  // centred_b^T (M, C) and dsum = sum dlocal (M,): d W1 = cross * scale +
+  // dsum beta^T, d gamma = sum_m cross * W1 * invstd, d beta = W1^T dsum
+  std::vector<T> grad_sum(M, T(0));
+  const T* gm = grad_maps.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t m = 0; m < M; ++m) {
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t p = 0; p < P; ++p) acc += gm[(b * M + m) * P + p];
+      grad_sum[m] += acc;
+    }
+  }
+  const T *cross = dw[2].data_ptr<T>(), *w = proj.data_ptr<T>(), *sc = local_affine.scale.data_ptr<T>();
+  const T *beta = data_or_null<T>(local_norm.bias), *is = local.invstd.data_ptr<T>();
+  at::Tensor grad_proj = at::empty(local_proj.sizes(), x.options());
+  T* dproj = grad_proj.data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < C; ++c) {
+      dproj[m * C + c] = cross[m * C + c] * sc[c] + (beta ? grad_sum[m] * beta[c] : T(0));
+    }
+  }
+  at::Tensor grad_local_weight, grad_local_bias;
+  if (local_norm.weight.defined()) {
+    grad_local_weight = at::zeros({C}, x.options());
+    grad_local_bias = at::zeros({C}, x.options());
+    T *dgamma = grad_local_weight.data_ptr<T>(), *dbeta = grad_local_bias.data_ptr<T>();
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < C; ++c) {
+        dgamma[c] += cross[m * C + c] * w[m * C + c];
+        dbeta[c] += w[m * C + c] * grad_sum[m];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) dgamma[c] *= is[c];
+  }
+
+  return {dw[0],           dw[1],         grad_local_weight, grad_local_bias, grad_proj, grad_global,
+          grad_fuse_weight, grad_fuse_bias, tail[4].view_as(head_weight), tail[5]};
+}
+
+void check_generator_dtypes(const at::Tensor& x, std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!t.defined() || (t.scalar_type() == x.scalar_type() && t.is_contiguous()),
+                "the generator's parameters and buffers must be contiguous and of x's dtype");
+  }
+}
 
 }  // namespace
 
@@ -113,43 +335,20 @@ std::vector<at::Tensor> generator_forward(const at::Tensor& input, const at::Ten
                                           const at::Tensor& head_bias, int64_t act, int64_t groups) {
   const Norm local_norm(local_norm_args), fuse_norm(fuse_norm_args);
   const at::Tensor x = input.contiguous();
-  const int64_t batch = x.size(0);
-
-  Stats local = local_norm.batch_stats ? Stats{} : running_statistics(local_norm);
-  const std::vector<at::Tensor> context = depthwise_context_forward(
-      x, local_conv.contiguous(), stride, padding, dilation,
-      local_norm.batch_stats ? std::nullopt : std::optional<at::Tensor>(local.mean));
-  const at::Tensor& z = context[0];
-  const at::Tensor centred = z.view({batch, z.size(1), -1});
-  const int64_t count = batch * centred.size(2);
-  if (local_norm.batch_stats) local = batch_statistics(local_norm, context[1], context[2], count);
-
-  const at::Tensor proj = matrix(local_proj);
-  const at::Tensor folded = (proj * local_norm.scale(local.invstd)).expand({batch, -1, -1});
-  const at::Tensor local_maps = local_norm.bias.defined()
-                                    ? at::baddbmm(at::mv(proj, local_norm.bias).unsqueeze(1), folded, centred)
-                                    : at::bmm(folded, centred);
-
-  at::Tensor pooled, glob;
-  if (global_proj.has_value()) {
-    pooled = context[3];
-    glob = at::mm(pooled, matrix(*global_proj).t());
-  }
-  Stats fuse = fuse_norm.batch_stats ? Stats{} : running_statistics(fuse_norm);
-  const std::vector<at::Tensor> tail = tail_forward(
-      local_maps, glob.defined() ? std::optional<at::Tensor>(glob) : std::nullopt, fusion,
-      fuse_norm.batch_stats ? std::nullopt : std::optional<at::Tensor>(fuse.mean),
-      fuse_norm.batch_stats ? std::nullopt : std::optional<at::Tensor>(fuse.invstd), fuse_norm.weight,
-      fuse_norm.bias, fuse_norm.eps, matrix(head_weight), head_bias);
-  if (fuse_norm.batch_stats) fuse = batch_statistics(fuse_norm, tail[1], tail[2], count);
-
-  const at::Tensor attn = activate(tail[0], act, groups).view({batch, groups, -1, z.size(2), z.size(3)});
-  return {attn, pooled, local_maps, local.mean, local.invstd, fuse.mean, fuse.invstd};
+  check_generator_dtypes(x, {local_proj, global_proj.value_or(at::Tensor()), local_norm.weight, local_norm.bias,
+                             local_norm.running_mean, local_norm.running_var, fuse_norm.running_mean,
+                             fuse_norm.running_var});
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "generator_forward", [&] {
+    result = forward_impl<scalar_t>(x, local_conv, stride, padding, dilation, local_norm, local_proj, global_proj,
+                                    fusion, fuse_norm, head_weight, head_bias, act, groups);
+  });
+  return result;
 }
 
 // The backward of generator_forward from A and dA (B, G, K, H_out, W_out),
-// with what it returned after A and the same parameters and options. x's gradient is
-// added to grad_x_into (contiguous, x's shape) when given.
+// with what it returned after A and the same parameters and options. x's
+// gradient is added to grad_x_into (contiguous, x's shape) when given.
 // -> [grad_x, and the gradients of local_conv, the local norm's weight and
 // bias, local_proj, global_proj, the fusion norm's weight and bias, the
 // head's weight and bias], undefined where a parameter is None or (x,
@@ -164,50 +363,15 @@ std::vector<at::Tensor> generator_backward(
     bool need_x, bool need_local_conv, const std::optional<at::Tensor>& grad_x_into) {
   const Norm local_norm(local_norm_args), fuse_norm(fuse_norm_args);
   const at::Tensor x = input.contiguous();
-  const int64_t batch = local_maps.size(0), count = batch * local_maps.size(2);
-  const at::Tensor flat_attn = attn.reshape({batch, -1, local_maps.size(2)});
-  const at::Tensor flat_grad = grad_attn.contiguous().view_as(flat_attn);
-
-  at::Tensor glob;
-  if (global_proj.has_value()) glob = at::mm(*pooled, matrix(*global_proj).t());
-  const at::Tensor fuse_scale = fuse_norm.scale(fuse_invstd);
-  const at::Tensor fuse_terms = fuse_norm.statistics_terms(fuse_scale, fuse_invstd, count);
-  const std::vector<at::Tensor> tail = tail_backward(
-      local_maps, glob.defined() ? std::optional<at::Tensor>(glob) : std::nullopt, fusion, fuse_mean, fuse_scale,
-      fuse_terms.defined() ? std::optional<at::Tensor>(fuse_terms) : std::nullopt, fuse_norm.bias,
-      matrix(head_weight), flat_attn.contiguous(), flat_grad, act, groups);
-  const at::Tensor &grad_local = tail[0], &grad_glob = tail[1];
-  const auto [grad_fuse_weight, grad_fuse_bias] = fuse_norm.param_grads(fuse_invstd, tail[2], tail[3]);
-
-  at::Tensor grad_global, grad_pooled;
-  if (global_proj.has_value()) {
-    grad_global = at::mm(grad_glob.t(), *pooled).view_as(*global_proj);
-    grad_pooled = at::mm(grad_glob, matrix(*global_proj));
-  }
-
-  const at::Tensor proj = matrix(local_proj);
-  const at::Tensor local_scale = local_norm.scale(local_invstd);
-  const at::Tensor local_terms = local_norm.statistics_terms(local_scale, local_invstd, count);
-  const std::vector<at::Tensor> dw = depthwise_context_backward(
-      grad_local, proj, x, local_conv.contiguous(), stride, padding, dilation, local_mean, local_scale,
-      local_terms.defined() ? std::optional<at::Tensor>(local_terms) : std::nullopt,
-      grad_pooled.defined() ? std::optional<at::Tensor>(grad_pooled) : std::nullopt, grad_x_into, need_x,
-      need_local_conv);
-  const at::Tensor& cross = dw[2];  // sum_b grad_local_b z_b^T, (M, C)
-  const at::Tensor grad_sum = grad_local.sum({0, 2});
-  at::Tensor grad_proj = cross * local_scale;
-  if (local_norm.bias.defined()) grad_proj.add_(at::outer(grad_sum, local_norm.bias));
-  const auto [grad_local_weight, grad_local_bias] =
-      local_norm.param_grads(local_invstd, at::mv(proj.t(), grad_sum), (cross * proj).sum(0));
-
-  return {dw[0],
-          dw[1],
-          grad_local_weight,
-          grad_local_bias,
-          grad_proj.view_as(local_proj),
-          grad_global,
-          grad_fuse_weight,
-          grad_fuse_bias,
-          tail[4].view_as(head_weight),
-          tail[5]};
+  check_generator_dtypes(x, {attn, local_maps, pooled.value_or(at::Tensor()), local_proj,
+                             global_proj.value_or(at::Tensor()), local_norm.weight, local_norm.bias, local_mean,
+                             local_invstd, fuse_mean, fuse_invstd});
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "generator_backward", [&] {
+    result = backward_impl<scalar_t>(x, attn, grad_attn, pooled, local_maps, {local_mean, local_invstd},
+                                     {fuse_mean, fuse_invstd}, local_conv, stride, padding, dilation, local_norm,
+                                     local_proj, global_proj, fusion, fuse_norm, head_weight, act, groups, need_x,
+                                     need_local_conv, grad_x_into);
+  });
+  return result;
 }
