@@ -177,11 +177,11 @@ class AIKAttention(nn.Module):
         """
         if torch.jit.is_tracing():
             return False
-        batch_statistics = any(
-            isinstance(norm, _BatchNorm) and uses_batch_statistics(norm)
-            for norm in (self.local_norm, self.fuse_norm))
-        return ((torch.is_grad_enabled() or batch_statistics)
-                and can_fuse(self, x))
+        if not torch.is_grad_enabled() and not any(
+                isinstance(norm, _BatchNorm) and uses_batch_statistics(norm)
+                for norm in (self.local_norm, self.fuse_norm)):
+            return False
+        return can_fuse(self, x)
 
     def _fused_attention_map(self, x: Tensor) -> Tensor:
         """attention_map(x) by :mod:`.fused_attention`."""

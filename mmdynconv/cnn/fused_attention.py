@@ -48,7 +48,7 @@ from mmdynconv.ops.depthwise_context import (depthwise_context,
 def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
     """Whether ``norm`` normalises by the batch's statistics (as
     ``nn.BatchNorm2d.forward`` decides)."""
-    return norm.training or norm.running_mean is None
+    return norm.training or norm._buffers['running_mean'] is None
 
 
 def can_fuse(gen: nn.Module, x: Tensor) -> bool:
@@ -61,11 +61,12 @@ def can_fuse(gen: nn.Module, x: Tensor) -> bool:
     statistics are used (else the module path raises, as ``nn.BatchNorm2d``
     does).
     """
-    if gen.local_conv is None or x.dim() != 4:
+    modules = gen._modules  # see fused_params
+    if modules.get('local_conv') is None or x.dim() != 4:
         return False
     if _has_call_hooks(gen):
         return False
-    norms = (gen.local_norm, gen.fuse_norm)
+    norms = (modules['local_norm'], modules['fuse_norm'])
     if any(type(norm) is not nn.BatchNorm2d for norm in norms):
         return False
     if x.dtype not in (torch.float32, torch.float64):
@@ -74,9 +75,9 @@ def can_fuse(gen: nn.Module, x: Tensor) -> bool:
         return False
     # every floating-point parameter and buffer of the generator (listed,
     # not walked: walking the module tree costs more than the check)
-    tensors = [*fused_params(gen)]
+    tensors = fused_params(gen)
     for norm in norms:
-        tensors += [norm.running_mean, norm.running_var]
+        tensors += [norm._buffers['running_mean'], norm._buffers['running_var']]
     if any(t is not None and (t.dtype != x.dtype or t.device != x.device)
            for t in tensors):
         return False
@@ -85,18 +86,18 @@ def can_fuse(gen: nn.Module, x: Tensor) -> bool:
     return True
 
 
-_CALL_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks',
-               '_backward_pre_hooks')
-
-
 def _has_call_hooks(gen: nn.Module) -> bool:
     """Whether a module call on one of gen's submodules would run hooks
     (forward or backward, global or the submodule's own)."""
-    children = gen._modules.values()
+    module = nn.modules.module
+    if (module._global_forward_hooks or module._global_forward_pre_hooks
+            or module._global_backward_hooks
+            or module._global_backward_pre_hooks):
+        return True
     return any(
-        getattr(nn.modules.module, '_global' + name)
-        or any(m is not None and getattr(m, name) for m in children)
-        for name in _CALL_HOOKS)
+        m is not None and (m._forward_hooks or m._forward_pre_hooks
+                           or m._backward_hooks or m._backward_pre_hooks)
+        for m in gen._modules.values())
 
 
 def _local_out_size(gen: nn.Module, x: Tensor) -> torch.Size:
@@ -112,13 +113,21 @@ def _local_out_size(gen: nn.Module, x: Tensor) -> torch.Size:
 def fused_params(gen: nn.Module) -> List[Optional[Tensor]]:
     """The generator's parameters in :class:`FusedAttention`'s order (None
     for the global projection of the local-only context, and for a norm
-    without affine parameters)."""
+    without affine parameters).
+
+    Read from the modules' parameter dicts: ``nn.Module`` attribute lookup
+    costs about a microsecond a name, thirty times more, and every training
+    step reads these twice."""
+    modules = gen._modules  # an absent branch's name is not in it
+    conv, local_norm, local_proj, global_proj, fuse_norm, head = (
+        None if modules.get(name) is None else modules[name]._parameters
+        for name in ('local_conv', 'local_norm', 'local_proj', 'global_proj',
+                     'fuse_norm', 'head'))
     return [
-        gen.local_conv.weight, gen.local_norm.weight, gen.local_norm.bias,
-        gen.local_proj.weight,
-        None if gen.global_proj is None else gen.global_proj.weight,
-        gen.fuse_norm.weight, gen.fuse_norm.bias, gen.head.weight,
-        gen.head.bias
+        conv['weight'], local_norm['weight'], local_norm['bias'],
+        local_proj['weight'],
+        None if global_proj is None else global_proj['weight'],
+        fuse_norm['weight'], fuse_norm['bias'], head['weight'], head['bias']
     ]
 
 
@@ -362,20 +371,24 @@ def _forward(gen: nn.Module, x: Tensor):
 
 
 def _compiled_args(gen: nn.Module) -> attention_generator.GeneratorArgs:
-    conv = gen.local_conv
-    global_proj = None if gen.global_proj is None else gen.global_proj.weight
+    (local_conv, local_gamma, local_beta, local_proj, global_proj, fuse_gamma,
+     fuse_beta, head_weight, head_bias) = fused_params(gen)
+    modules = gen._modules
+    conv = modules['local_conv']
     return attention_generator.GeneratorArgs(
-        conv.weight, conv.stride, conv.padding, conv.dilation,
-        _norm_args(gen.local_norm), gen.local_proj.weight, global_proj,
-        None if global_proj is None else gen.fusion,
-        _norm_args(gen.fuse_norm), gen.head.weight, gen.head.bias, gen.act,
-        gen.attn_groups)
+        local_conv, conv.stride, conv.padding, conv.dilation,
+        _norm_args(modules['local_norm'], local_gamma, local_beta),
+        local_proj, global_proj, None if global_proj is None else gen.fusion,
+        _norm_args(modules['fuse_norm'], fuse_gamma, fuse_beta), head_weight,
+        head_bias, gen.act, gen.attn_groups)
 
 
-def _norm_args(norm: nn.BatchNorm2d) -> attention_generator.NormArgs:
-    return attention_generator.NormArgs(norm.weight, norm.bias,
-                                        norm.running_mean, norm.running_var,
-                                        norm.num_batches_tracked,
+def _norm_args(norm: nn.BatchNorm2d, gamma: Optional[Tensor],
+               beta: Optional[Tensor]) -> attention_generator.NormArgs:
+    buffers = norm._buffers  # see fused_params
+    return attention_generator.NormArgs(gamma, beta, buffers['running_mean'],
+                                        buffers['running_var'],
+                                        buffers['num_batches_tracked'],
                                         norm.momentum, norm.eps,
                                         uses_batch_statistics(norm))
 
