@@ -85,3 +85,31 @@ def test_other_cases_take_two_nodes():
     assert node_name(layer(x)) == 'AIKLayerFunctionBackward'
     group_norm = make_layer(norm_cfg=dict(type='GN', num_groups=2))
     assert node_name(group_norm(x)) != 'AIKLayerFunctionBackward'
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_cpu_steps_run_the_compiled_generator(dtype, monkeypatch):
+    """On CPU the layer's generator is one compiled call each way, with the
+    forward's arguments reused by the backward (a silent fall back to the
+    torch ops would pass the comparisons above)."""
+    from mmdynconv.ops import attention_generator
+    calls = []
+
+    def counted(name):
+        original = getattr(attention_generator, name)
+
+        def call(x, *args):
+            calls.append((name, args[-3] if name == 'generator_backward'
+                          else args[0]))
+            return original(x, *args)
+
+        return call
+
+    for name in ('generator_forward', 'generator_backward'):
+        monkeypatch.setattr(attention_generator, name, counted(name))
+    layer = make_layer().to(dtype)
+    x = torch.randn(2, 8, 9, 11, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()
+    assert [name for name, _ in calls] == ['generator_forward',
+                                           'generator_backward']
+    assert calls[0][1] is calls[1][1]
