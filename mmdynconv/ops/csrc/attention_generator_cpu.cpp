@@ -24,8 +24,6 @@
 
 namespace {
 
-enum Act : int64_t { kTwoSigmoid = 0, kSigmoid = 1, kSoftmax = 2 };
-
 // A batch norm as NormArgs gives it (undefined tensors where None).
 struct Norm {
   at::Tensor weight, bias, running_mean, running_var, num_batches_tracked;

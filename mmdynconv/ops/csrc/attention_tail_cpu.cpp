@@ -24,9 +24,6 @@
 
 namespace {
 
-enum Fusion : int64_t { kNone = 0, kAdd = 1, kMul = 2, kCat = 3 };
-enum Act : int64_t { kTwoSigmoid = 0, kSigmoid = 1, kSoftmax = 2 };
-
 constexpr int64_t kBlock = 256;  // positions per block
 
 template <typename T>

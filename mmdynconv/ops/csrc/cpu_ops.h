@@ -8,6 +8,11 @@
 #include <tuple>
 #include <vector>
 
+// The generator's options as attention_generator.py codes them (FUSIONS,
+// ACTIVATIONS).
+enum Fusion : int64_t { kNone = 0, kAdd = 1, kMul = 2, kCat = 3 };
+enum Act : int64_t { kTwoSigmoid = 0, kSigmoid = 1, kSoftmax = 2 };
+
 // aik_conv2d_cpu.cpp: the AIK convolution (groups == 1).
 at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& weight,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
