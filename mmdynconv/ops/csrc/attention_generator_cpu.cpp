@@ -230,8 +230,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& att
   const Affine fuse_affine = affine<T>(fuse_norm, fuse.invstd, count);
   const std::vector<at::Tensor> tail =
       tail_backward(maps, optional(glob), fusion, fuse.mean, fuse_affine.scale, optional(fuse_affine.terms),
-                    fuse_norm.bias,
-                    matrix(head_weight), flat_attn, grad_attn.contiguous().view_as(flat_attn), act, groups);
+                    fuse_norm.bias, matrix(head_weight), flat_attn, grad_attn.contiguous().view_as(flat_attn), act,
+                    groups);
   const at::Tensor &grad_maps = tail[0], &grad_glob = tail[1];
 
   // the fusion norm's parameters: d gamma = sum(dN * centred) * invstd,
