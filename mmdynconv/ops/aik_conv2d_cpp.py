@@ -51,7 +51,7 @@ def compiled_forward(input: Tensor, attn: Tensor, weight: Tensor,
                      bias: Optional[Tensor], geo: ConvGeometry) -> Tensor:
     """The op by the extension (no autograd), in input's layout."""
     out = extension.cpu.aik_forward(input.contiguous(), attn.contiguous(),
-                           weight.contiguous(), *_conv_args(geo))
+                                    weight.contiguous(), *_conv_args(geo))
     if bias is not None:
         out.add_(bias.view(1, -1, 1, 1))
     return in_layout_of(out, input)

@@ -43,6 +43,7 @@
 
 #include "blas.h"
 #include "cpu_ops.h"
+#include "tensor_data.h"
 
 namespace {
 
@@ -463,11 +464,6 @@ Columns<scalar_t> tile_columns(scalar_t* t, int64_t O, const Geometry& g, const 
 
 int64_t buffer_count(const Schedule& schedule) {
   return schedule.parallel_tiles ? at::get_num_threads() : 1;
-}
-
-template <typename scalar_t>
-scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
 // A thread's tile buffer, row `thread` of (buffers, elements) `buffers`; null when undefined.

@@ -21,6 +21,7 @@
 
 #include "blas.h"
 #include "cpu_ops.h"
+#include "tensor_data.h"
 
 namespace {
 
@@ -41,11 +42,6 @@ struct Norm {
         eps(std::get<6>(args)),
         batch_stats(std::get<7>(args)) {}
 };
-
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
 
 std::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -95,30 +91,30 @@ Stats batch_statistics(const Norm& norm, const at::Tensor& mean, const at::Tenso
   return {mean, inverse_std<T>(var, norm.eps)};
 }
 
-// The norm as an affine map of the centred maps, (maps - mean) * scale +
-// bias, and the terms of its backward through the batch statistics (see
-// tail_backward), for count values per channel: scale (C,), terms (C, 2),
-// undefined with running statistics.
-struct Affine {
-  at::Tensor scale, terms;
-};
-
+// weight * invstd, (C,): the norm is (maps - mean) * scale + bias.
 template <typename T>
-Affine affine(const Norm& norm, const at::Tensor& invstd, int64_t count) {
-  const int64_t C = invstd.numel();
+at::Tensor norm_scale(const Norm& norm, const at::Tensor& invstd) {
   at::Tensor scale = at::empty_like(invstd);
-  at::Tensor terms = norm.batch_stats ? at::empty({C, 2}, invstd.options()) : at::Tensor();
   const T *gamma = data_or_null<T>(norm.weight), *is = invstd.data_ptr<T>();
   T* sc = scale.data_ptr<T>();
-  T* tm = terms.defined() ? terms.data_ptr<T>() : nullptr;
-  for (int64_t c = 0; c < C; ++c) {
-    sc[c] = gamma ? gamma[c] * is[c] : is[c];
-    if (tm) {
-      tm[2 * c] = -sc[c] * is[c] * is[c] / static_cast<T>(count);
-      tm[2 * c + 1] = -sc[c] / static_cast<T>(count);
-    }
+  for (int64_t c = 0; c < invstd.numel(); ++c) sc[c] = gamma ? gamma[c] * is[c] : is[c];
+  return scale;
+}
+
+// The terms of the norm's backward through its batch statistics (see
+// tail_backward), (C, 2), for count values per channel; undefined with
+// running statistics.
+template <typename T>
+at::Tensor statistics_terms(const Norm& norm, const at::Tensor& scale, const at::Tensor& invstd, int64_t count) {
+  if (!norm.batch_stats) return at::Tensor();
+  at::Tensor terms = at::empty({invstd.numel(), 2}, invstd.options());
+  const T *sc = scale.data_ptr<T>(), *is = invstd.data_ptr<T>();
+  T* tm = terms.data_ptr<T>();
+  for (int64_t c = 0; c < invstd.numel(); ++c) {
+    tm[2 * c] = -sc[c] * is[c] * is[c] / static_cast<T>(count);
+    tm[2 * c + 1] = -sc[c] / static_cast<T>(count);
   }
-  return {scale, terms};
+  return terms;
 }
 
 // rows (R, K) @ columns^T, columns (N, K) -> (R, N); small (R, N), plain
@@ -194,7 +190,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& loca
   const at::Tensor centred = z.view({batch, z.size(1), -1});
   const int64_t count = batch * centred.size(2);
   if (local_norm.batch_stats) local = batch_statistics<T>(local_norm, context[1], context[2], count);
-  const at::Tensor maps = local_maps<T>(centred, matrix(local_proj), affine<T>(local_norm, local.invstd, count).scale,
+  const at::Tensor maps = local_maps<T>(centred, matrix(local_proj), norm_scale<T>(local_norm, local.invstd),
                                         local_norm.bias);
 
   at::Tensor pooled, glob;
@@ -227,9 +223,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& att
 
   at::Tensor glob;
   if (global_proj.has_value()) glob = global_vectors<T>(*pooled, matrix(*global_proj));
-  const Affine fuse_affine = affine<T>(fuse_norm, fuse.invstd, count);
+  const at::Tensor fuse_scale = norm_scale<T>(fuse_norm, fuse.invstd);
+  const at::Tensor fuse_terms = statistics_terms<T>(fuse_norm, fuse_scale, fuse.invstd, count);
   const std::vector<at::Tensor> tail =
-      tail_backward(maps, optional(glob), fusion, fuse.mean, fuse_affine.scale, optional(fuse_affine.terms),
+      tail_backward(maps, optional(glob), fusion, fuse.mean, fuse_scale, optional(fuse_terms),
                     fuse_norm.bias, matrix(head_weight), flat_attn, grad_attn.contiguous().view_as(flat_attn), act,
                     groups);
   const at::Tensor &grad_maps = tail[0], &grad_glob = tail[1];
@@ -264,10 +261,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& att
   }
 
   const at::Tensor proj = matrix(local_proj);
-  const Affine local_affine = affine<T>(local_norm, local.invstd, count);
+  const at::Tensor local_scale = norm_scale<T>(local_norm, local.invstd);
+  const at::Tensor local_terms = statistics_terms<T>(local_norm, local_scale, local.invstd, count);
   const std::vector<at::Tensor> dw = depthwise_context_backward(
-      grad_maps, proj, x, local_conv.contiguous(), stride, padding, dilation, local.mean, local_affine.scale,
-      optional(local_affine.terms), optional(grad_pooled), grad_x_into, need_x, need_local_conv);
+      grad_maps, proj, x, local_conv.contiguous(), stride, padding, dilation, local.mean, local_scale,
+      optional(local_terms), optional(grad_pooled), grad_x_into, need_x, need_local_conv);
 
   // local = W1 @ (centred * scale + beta), with cross = sum_b dlocal_b
   // centred_b^T (M, C) and dsum = sum dlocal (M,): d W1 = cross * scale +
@@ -282,7 +280,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& att
       grad_sum[m] += acc;
     }
   }
-  const T *cross = dw[2].data_ptr<T>(), *w = proj.data_ptr<T>(), *sc = local_affine.scale.data_ptr<T>();
+  const T *cross = dw[2].data_ptr<T>(), *w = proj.data_ptr<T>(), *sc = local_scale.data_ptr<T>();
   const T *beta = data_or_null<T>(local_norm.bias), *is = local.invstd.data_ptr<T>();
   at::Tensor grad_proj = at::empty(local_proj.sizes(), x.options());
   T* dproj = grad_proj.data_ptr<T>();
