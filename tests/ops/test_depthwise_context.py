@@ -43,9 +43,10 @@ def inputs(size, kernel, channels=5):
 
 @pytest.mark.parametrize('size,kernel,stride,padding,dilation', CASES)
 @pytest.mark.parametrize('given_mean', [False, True])
+@pytest.mark.parametrize('maps', [3, 11])  # the compiled pass: 8 at a time
 def test_forward_and_backward_match_autograd(generator_path, size, kernel,
                                              stride, padding, dilation,
-                                             given_mean):
+                                             given_mean, maps):
     geo = pair(stride), pair(padding), pair(dilation)
     x, weight = inputs(size, kernel)
     mean = torch.randn(5, dtype=DTYPE) if given_mean else None
@@ -69,7 +70,7 @@ def test_forward_and_backward_match_autograd(generator_path, size, kernel,
     # the backward takes z's centring as constant (stat carries a norm's
     # terms through its statistics), so the reference differentiates the
     # uncentred conv with the gradient written out
-    grad_local, proj = local_gradient(z)
+    grad_local, proj = local_gradient(z, maps)
     u = torch.einsum('mc,bmhw->bchw', proj, grad_local)
     grad_pooled = torch.randn_like(pooled)
     scale, stat = torch.randn(5, dtype=DTYPE), torch.randn(5, 2, dtype=DTYPE)
@@ -88,8 +89,8 @@ def test_forward_and_backward_match_autograd(generator_path, size, kernel,
 
 
 def local_gradient(z, maps=3):
-    """A gradient of 3 local maps of z's size and the projection (3, C)
-    from z's channels to them."""
+    """A gradient of ``maps`` local maps of z's size and the projection
+    (maps, C) from z's channels to them."""
     grad_local = torch.randn(z.shape[0], maps, *z.shape[2:], dtype=DTYPE)
     return grad_local, torch.randn(maps, z.shape[1], dtype=DTYPE)
 

@@ -27,6 +27,8 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -117,25 +119,49 @@ struct Vec {
   static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
 };
 
-// out[j] = init + sum_t w[t] * src[offsets[t] + j] for j < n. Blocks of four
-// vectors of outputs are summed over all taps in registers: one store per
-// output instead of one read-modify-write per tap.
-template <typename T>
-void weighted_sum(const T* src, const std::vector<int64_t>& offsets, const T* w, T init, T* out, int64_t n) {
+// Calls fn(std::integral_constant<int64_t, count>{}) for count in 1..9: the
+// kernels below take their number of taps (or maps) as a constant, so that
+// the loop over them unrolls with its pointers and weights in registers
+// (with a runtime count, every vector of output re-read them and tested the
+// count). Longer lists are cut into chunks of at most nine.
+constexpr int64_t kMaxChunk = 9;
+
+template <typename Fn, int64_t... N>
+void with_count(int64_t count, const Fn& fn, std::integer_sequence<int64_t, N...>) {
+  TORCH_CHECK(count >= 1 && count <= kMaxChunk, "a chunk of 1 to 9 taps or maps, got ", count);
+  (void)((count == N + 1 && (fn(std::integral_constant<int64_t, N + 1>{}), true)) || ...);
+}
+
+template <typename Fn>
+void with_count(int64_t count, const Fn& fn) {
+  with_count(count, fn, std::make_integer_sequence<int64_t, kMaxChunk>{});
+}
+
+// out[j] = (accumulate ? out[j] : init) + sum_t w[t] * src[offsets[t] + j]
+// for j < n, over N taps. Blocks of four vectors of outputs are summed over
+// the taps in registers: one store per output instead of one
+// read-modify-write per tap.
+template <int64_t N, typename T>
+void weighted_sum_chunk(const T* src, const int64_t* offsets, const T* weights, T init, bool accumulate, T* out,
+                        int64_t n) {
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::size;
-  const int64_t taps = static_cast<int64_t>(offsets.size());
+  const T* s[N];
+  T w[N];
+  for (int64_t t = 0; t < N; ++t) {
+    s[t] = src + offsets[t];
+    w[t] = weights[t];
+  }
+  const auto start = [&](int64_t j) { return accumulate ? V::load(out + j) : VT{} + init; };
   int64_t j = 0;
   for (; j + 4 * L <= n; j += 4 * L) {
-    VT a0 = VT{} + init, a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t t = 0; t < taps; ++t) {
-      const T* s = src + offsets[t] + j;
-      const T wt = w[t];
-      a0 += wt * V::load(s);
-      a1 += wt * V::load(s + L);
-      a2 += wt * V::load(s + 2 * L);
-      a3 += wt * V::load(s + 3 * L);
+    VT a0 = start(j), a1 = start(j + L), a2 = start(j + 2 * L), a3 = start(j + 3 * L);
+    for (int64_t t = 0; t < N; ++t) {
+      a0 += w[t] * V::load(s[t] + j);
+      a1 += w[t] * V::load(s[t] + j + L);
+      a2 += w[t] * V::load(s[t] + j + 2 * L);
+      a3 += w[t] * V::load(s[t] + j + 3 * L);
     }
     V::store(out + j, a0);
     V::store(out + j + L, a1);
@@ -143,42 +169,58 @@ void weighted_sum(const T* src, const std::vector<int64_t>& offsets, const T* w,
     V::store(out + j + 3 * L, a3);
   }
   for (; j + L <= n; j += L) {
-    VT a = VT{} + init;
-    for (int64_t t = 0; t < taps; ++t) a += w[t] * V::load(src + offsets[t] + j);
+    VT a = start(j);
+    for (int64_t t = 0; t < N; ++t) a += w[t] * V::load(s[t] + j);
     V::store(out + j, a);
   }
   for (; j < n; ++j) {
-    T acc = init;
-    for (int64_t t = 0; t < taps; ++t) acc += w[t] * src[offsets[t] + j];
+    T acc = accumulate ? out[j] : init;
+    for (int64_t t = 0; t < N; ++t) acc += w[t] * s[t][j];
     out[j] = acc;
   }
 }
 
-// grad_w[t] += sum_j g[j] * src[offsets[t] + j] for j < n, taps eight at a
-// time in one pass over g each: one register accumulator per tap, so the
-// sums do not wait on each other.
+// out[j] = init + sum_t w[t] * src[offsets[t] + j] for j < n.
 template <typename T>
-void tap_dots(const T* g, const T* src, const std::vector<int64_t>& offsets, int64_t n, double* grad_w) {
+void weighted_sum(const T* src, const std::vector<int64_t>& offsets, const T* w, T init, T* out, int64_t n) {
+  const int64_t taps = static_cast<int64_t>(offsets.size());
+  for (int64_t t0 = 0; t0 < taps; t0 += kMaxChunk) {
+    with_count(std::min(kMaxChunk, taps - t0), [&](auto N) {
+      weighted_sum_chunk<N()>(src, offsets.data() + t0, w + t0, init, t0 > 0, out, n);
+    });
+  }
+}
+
+// grad_w[t] += sum_j g[j] * src[offsets[t] + j] for j < n, all N taps in
+// one pass over g: one register accumulator per tap, so the sums do not
+// wait on each other.
+template <int64_t N, typename T>
+void tap_dots_chunk(const T* g, const T* src, const int64_t* offsets, int64_t n, double* grad_w) {
   using V = Vec<T>;
   using VT = typename V::type;
-  constexpr int64_t L = V::size, kGroup = 8;
+  constexpr int64_t L = V::size;
+  const T* s[N];
+  for (int64_t t = 0; t < N; ++t) s[t] = src + offsets[t];
+  VT acc[N] = {};
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const VT gv = V::load(g + j);
+    for (int64_t t = 0; t < N; ++t) acc[t] += gv * V::load(s[t] + j);
+  }
+  for (int64_t t = 0; t < N; ++t) {
+    double sum = 0;
+    for (int64_t k = 0; k < L; ++k) sum += acc[t][k];
+    for (int64_t r = j; r < n; ++r) sum += double(g[r]) * s[t][r];
+    grad_w[t] += sum;
+  }
+}
+
+template <typename T>
+void tap_dots(const T* g, const T* src, const std::vector<int64_t>& offsets, int64_t n, double* grad_w) {
   const int64_t taps = static_cast<int64_t>(offsets.size());
-  for (int64_t t0 = 0; t0 < taps; t0 += kGroup) {
-    const int64_t group = std::min(kGroup, taps - t0);
-    const T* s[kGroup];
-    for (int64_t i = 0; i < group; ++i) s[i] = src + offsets[t0 + i];
-    VT acc[kGroup] = {};
-    int64_t j = 0;
-    for (; j + L <= n; j += L) {
-      const VT gv = V::load(g + j);
-      for (int64_t i = 0; i < group; ++i) acc[i] += gv * V::load(s[i] + j);
-    }
-    for (int64_t i = 0; i < group; ++i) {
-      double sum = 0;
-      for (int64_t k = 0; k < L; ++k) sum += acc[i][k];
-      for (int64_t r = j; r < n; ++r) sum += double(g[r]) * s[i][r];
-      grad_w[t0 + i] += sum;
-    }
+  for (int64_t t0 = 0; t0 < taps; t0 += kMaxChunk) {
+    with_count(std::min(kMaxChunk, taps - t0),
+               [&](auto N) { tap_dots_chunk<N()>(g, src, offsets.data() + t0, n, grad_w + t0); });
   }
 }
 
@@ -356,48 +398,58 @@ void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, con
   add_phases(g, s.grad_phases.data(), dx);
 }
 
-// Back through local = proj @ n for one output plane of channel c: from the
-// gradients dl of the M local maps (M x P, rows of P) and proj's column c
-// (proj_c[m * stride]), u = sum_m proj_c[m] * dl[m], the gradient at n
-// (written to u), and cross[m] += <dl[m], z> (proj's gradient before the
-// norm's scale). Maps are taken eight at a time, each vector of u summed
-// over them in a register and each map's dot in a register of its own.
+// Back through local = proj @ n for one output plane of channel c, for N of
+// the maps: from their gradients dl (N x P, rows of P) and proj's column c
+// at them (proj_c[m * stride]), u += sum_m proj_c[m] * dl[m] (u = 0 first
+// when not accumulate) and cross[m] += <dl[m], z> (proj's gradient before
+// the norm's scale). Each vector of u is summed over the maps in a register
+// and each map's dot has a register of its own.
+template <int64_t N, typename T>
+void project_back_chunk(const T* dl, int64_t P, const T* proj_c, int64_t stride, const T* z, bool accumulate, T* u,
+                        double* cross) {
+  using V = Vec<T>;
+  using VT = typename V::type;
+  constexpr int64_t L = V::size;
+  T w[N];
+  for (int64_t m = 0; m < N; ++m) w[m] = proj_c[m * stride];
+  VT dots[N] = {};
+  int64_t j = 0;
+  for (; j + L <= P; j += L) {
+    const VT zv = V::load(z + j);
+    VT uv = accumulate ? V::load(u + j) : VT{};
+    for (int64_t m = 0; m < N; ++m) {
+      const VT row = V::load(dl + m * P + j);
+      uv += w[m] * row;
+      dots[m] += row * zv;
+    }
+    V::store(u + j, uv);
+  }
+  for (int64_t m = 0; m < N; ++m) {
+    double dot_sum = 0;
+    for (int64_t k = 0; k < L; ++k) dot_sum += dots[m][k];
+    cross[m] += dot_sum;
+  }
+  for (; j < P; ++j) {
+    T uj = accumulate ? u[j] : T(0);
+    for (int64_t m = 0; m < N; ++m) {
+      uj += w[m] * dl[m * P + j];
+      cross[m] += double(dl[m * P + j]) * z[j];
+    }
+    u[j] = uj;
+  }
+}
+
+// The same over all M maps: u = sum_m proj_c[m] * dl[m], the gradient at n,
+// and cross[m] += <dl[m], z>; the maps eight at a time (hidden widths are
+// multiples of eight unless set otherwise).
 template <typename T>
 void project_back(const T* dl, int64_t maps, int64_t P, const T* proj_c, int64_t stride, const T* z, T* u,
                   double* cross) {
-  using V = Vec<T>;
-  using VT = typename V::type;
-  constexpr int64_t L = V::size, kGroup = 8;
-  for (int64_t m0 = 0; m0 < maps; m0 += kGroup) {
-    const int64_t group = std::min(kGroup, maps - m0);
-    T w[kGroup];
-    for (int64_t i = 0; i < group; ++i) w[i] = proj_c[(m0 + i) * stride];
-    const T* rows = dl + m0 * P;
-    VT dots[kGroup] = {};
-    int64_t j = 0;
-    for (; j + L <= P; j += L) {
-      const VT zv = V::load(z + j);
-      VT uv = m0 == 0 ? VT{} : V::load(u + j);
-      for (int64_t i = 0; i < group; ++i) {
-        const VT row = V::load(rows + i * P + j);
-        uv += w[i] * row;
-        dots[i] += row * zv;
-      }
-      V::store(u + j, uv);
-    }
-    for (int64_t i = 0; i < group; ++i) {
-      double dot_sum = 0;
-      for (int64_t k = 0; k < L; ++k) dot_sum += dots[i][k];
-      cross[m0 + i] += dot_sum;
-    }
-    for (; j < P; ++j) {
-      T uj = m0 == 0 ? T(0) : u[j];
-      for (int64_t i = 0; i < group; ++i) {
-        uj += w[i] * rows[i * P + j];
-        cross[m0 + i] += double(rows[i * P + j]) * z[j];
-      }
-      u[j] = uj;
-    }
+  constexpr int64_t kMaps = 8;
+  for (int64_t m0 = 0; m0 < maps; m0 += kMaps) {
+    with_count(std::min(kMaps, maps - m0), [&](auto N) {
+      project_back_chunk<N()>(dl + m0 * P, P, proj_c + m0 * stride, stride, z, m0 > 0, u, cross + m0);
+    });
   }
 }
 
