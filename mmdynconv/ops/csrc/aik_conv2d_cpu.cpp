@@ -34,16 +34,15 @@
 // then odd bands, with each band tall enough that bands two apart read
 // disjoint rows.
 #include <ATen/Parallel.h>
-#include <ATen/TracerMode.h>
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <array>
 #include <vector>
 
 #include "blas.h"
 #include "cpu_ops.h"
 #include "tensor_data.h"
+#include "workspace.h"
 
 namespace {
 
@@ -472,33 +471,12 @@ scalar_t* thread_buffer(const at::Tensor& buffers, int64_t thread) {
   return buffers.defined() ? buffers.data_ptr<scalar_t>() + thread * buffers.size(1) : nullptr;
 }
 
-// A copy of attn (B, G, K, H_out, W_out) masked by mask_padding_taps.
+// A copy of attn (B, G, K, H_out, W_out) masked by mask_padding_taps (a
+// workspace).
 at::Tensor masked_attention(const at::Tensor& attn, const Geometry& g) {
-  at::Tensor masked = attn.clone();
+  at::Tensor masked = workspace(kMaskedAttention, attn.sizes(), attn.options()).copy_(attn);
   mask_padding_taps(g, masked);
   return masked;
-}
-
-// The op's temporaries, kept per calling thread from one call to the next:
-// the tile buffers alone take up to 4 * threads * kTileElements elements
-// each, and memory freshly allocated on every call is paged in afresh on
-// every call (glibc hands large freed blocks back to the system), which
-// measured as long as the element-wise passes themselves at C = 256, 14x14.
-// A slot's tensor is used within one call only and never returned. Under
-// torch.jit tracing, which records the calls made here, each call allocates
-// its own (a tensor from an earlier call is unknown to the trace).
-enum Slot { kMatrixBuffers, kPatchBuffers, kWeightGradParts, kInputPlanes, kGradPlanes, kColumns, kSlots };
-
-at::Tensor workspace(Slot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (at::tracer::impl::is_dispatch_enabled()) return at::empty(sizes, options);
-  thread_local std::array<at::Tensor, kSlots> cache;
-  const int64_t numel = c10::multiply_integers(sizes);
-  at::Tensor& buffer = cache[slot];
-  if (!buffer.defined() || buffer.dtype() != options.dtype() || buffer.numel() < numel) {
-    buffer = at::Tensor();  // free the old one first
-    buffer = at::empty({numel}, options);
-  }
-  return buffer.narrow(0, 0, numel).view(sizes);
 }
 
 // Staging for the columns of a tile of several images, (O, R): their

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "workspace.h"
 
 namespace {
 
@@ -252,7 +253,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
   // per thread: grad_weight (GK x M'), grad_bias (GK), sum dN, sum dN * centred (M' each)
   const int64_t threads = at::get_num_threads(), sums = GK * M2 + GK + 2 * M2;
   std::vector<double> partials(threads * sums, 0.0);
-  at::Tensor grad_norm = at::empty({tail.batch, M2, P}, local.options());  // dN
+  at::Tensor grad_norm = workspace(kGradNorm, {tail.batch, M2, P}, local.options());  // dN
   T* dnd = grad_norm.data_ptr<T>();
   at::parallel_for(0, tail.batch * tail.blocks(), 1, [&](int64_t i0, int64_t i1) {
     std::vector<T> h(M2 * kBlock), c(M2 * kBlock), dz(GK * kBlock);
@@ -320,7 +321,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
     }
   }
   const int64_t M = tail.local_channels;
-  at::Tensor grad_local = at::empty_like(local);
+  at::Tensor grad_local = workspace(kGradLocal, local.sizes(), local.options());
   at::Tensor grad_glob = tail.glob ? at::zeros({tail.batch, M}, local.options()) : at::Tensor();
   T* gld = grad_local.data_ptr<T>();
   T* ggd = tail.glob ? grad_glob.data_ptr<T>() : nullptr;
@@ -396,7 +397,7 @@ std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optiona
 // None: the gradient at the fusion is dN * scale + stat[j][0] *
 // sum(dN * centred) * centred + stat[j][1] * sum(dN), dN the gradient at the
 // norm's output.
-// -> [grad_local (B, M, P), grad_glob (B, M; undefined without),
+// -> [grad_local (B, M, P; a workspace, see workspace.h), grad_glob (B, M; undefined without),
 // sum(dN), sum(dN * centred) (M',), grad_weight (G*K, M'), grad_bias (G*K,)].
 std::vector<at::Tensor> tail_backward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                       int64_t fusion, const at::Tensor& mean, const at::Tensor& scale,

@@ -28,6 +28,12 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef dilation,
                                                   const std::optional<at::Tensor>& given_mean);
+// The same with z in a workspace (workspace.h): valid until the calling
+// thread's next call, for callers that use it within their own call.
+std::vector<at::Tensor> depthwise_context_forward_scratch(const at::Tensor& x, const at::Tensor& weight,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation,
+                                                          const std::optional<at::Tensor>& given_mean);
 std::vector<at::Tensor> depthwise_context_backward(
     const at::Tensor& grad_local, const at::Tensor& proj, const at::Tensor& x, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& mean,

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "workspace.h"
 
 namespace {
 
@@ -458,15 +459,17 @@ void project_back(const T* dl, int64_t maps, int64_t P, const T* proj_c, int64_t
 // x (B, C, H, W), weight (C, 1, kh, kw), mean (C,) or None ->
 // [z (B, C, H_out, W_out) centred, mean (C,), biased var (C,; undefined when
 // mean was given), pooled (B, C) spatial mean of x]. All contiguous.
-std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                                  at::IntArrayRef dilation,
-                                                  const std::optional<at::Tensor>& given_mean) {
+namespace {
+
+std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     const std::optional<at::Tensor>& given_mean, bool z_in_workspace) {
   const at::Tensor mean = given_mean.value_or(at::Tensor());
   const Geometry g = make_geometry(x, weight, stride, padding, dilation);
   const Taps taps(g);
   const bool batch_stats = !mean.defined();
-  at::Tensor z = at::empty({g.batch, g.channels, g.out_h, g.out_w}, x.options());
+  const std::vector<int64_t> z_sizes{g.batch, g.channels, g.out_h, g.out_w};
+  at::Tensor z = z_in_workspace ? workspace(kCentredContext, z_sizes, x.options()) : at::empty(z_sizes, x.options());
   at::Tensor pooled = at::empty({g.batch, g.channels}, x.options());
   at::Tensor out_mean = batch_stats ? at::empty({g.channels}, x.options()) : mean;
   at::Tensor var = batch_stats ? at::empty({g.channels}, x.options()) : at::Tensor();
@@ -504,6 +507,22 @@ std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at:
     });
   });
   return {z, out_mean, var, pooled};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation,
+                                                  const std::optional<at::Tensor>& given_mean) {
+  return forward_impl(x, weight, stride, padding, dilation, given_mean, false);
+}
+
+std::vector<at::Tensor> depthwise_context_forward_scratch(const at::Tensor& x, const at::Tensor& weight,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation,
+                                                          const std::optional<at::Tensor>& given_mean) {
+  return forward_impl(x, weight, stride, padding, dilation, given_mean, true);
 }
 
 // The backward of local = proj @ n, n = z * scale + bias, z = conv(x) - mean
