@@ -7,6 +7,7 @@ from torch import nn
 
 from mmdynconv.cnn import AIKAttention, AIKConv2d
 from mmdynconv.cnn.fused_attention import can_fuse
+from mmdynconv.ops import attention_generator
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -191,6 +192,28 @@ def test_forward_without_gradients_counts_once():
     torch.testing.assert_close(attn, expected, **TOL)
     for (name, b), c in zip(gen.named_buffers(), ref.buffers()):
         torch.testing.assert_close(b, c, **TOL, msg=name)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_pure_inference(generator_path, monkeypatch, stride):
+    """Eval mode without gradients: the compiled generator where it applies
+    (one call), the modules elsewhere; the reference's values either way and
+    the running statistics untouched."""
+    calls = []
+    compiled_forward = attention_generator.generator_forward
+    monkeypatch.setattr(
+        attention_generator, 'generator_forward',
+        lambda *args: calls.append(1) or compiled_forward(*args))
+    gen = make_generator(stride=stride).eval()
+    buffers = [b.clone() for b in gen.buffers()]
+    x = torch.randn(2, 16, 9, 8, dtype=DTYPE)
+    with torch.no_grad():
+        expected = reference(gen, x)
+        attn = gen(x, expected.shape[-2:])
+    torch.testing.assert_close(attn, expected, **TOL)
+    assert len(calls) == (generator_path == 'compiled')
+    for b, old in zip(gen.buffers(), buffers):
+        assert torch.equal(b, old)
 
 
 def test_same_values_with_and_without_gradients():
