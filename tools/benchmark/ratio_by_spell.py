@@ -1,0 +1,86 @@
+"""CPU: the AIK layer's and op's time ratios to nn.Conv2d, fast steps to fast
+steps.
+
+On a shared machine every row's step time swings (the convolution's at
+C = 64, 56x56 here between about 6 and 12 ms), so one median ratio depends on
+when it was taken. This script times nn.Conv2d, the op alone (attention
+given) and the whole layer forward+backward in turn for many rounds in one
+process, sorts each row's times on their own and prints per quarter (fastest
+first) the row's median within it: the fastest quarters compare the rows as
+a quiet machine runs them. (Sorting the rounds by the convolution's time
+alone would pick rounds where the convolution was lucky, not where the
+machine was quiet, and inflate the other rows' ratios.)
+
+    python tools/benchmark/ratio_by_spell.py [--rounds 200] [--shape C SIZE STRIDE]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from aik_rows import SHAPES, AIKOp
+from mmdynconv.cnn import AIKConv2d
+
+
+def timed_rounds(channels, size, stride, batch, rounds, warmup=10):
+    """[{row: seconds}] of forward+backward steps, the rows in turn."""
+    torch.manual_seed(0)
+    out_size = ((size - 1) // stride + 1, ) * 2
+    rows = {
+        'conv': nn.Conv2d(channels, channels, 3, stride, 1, bias=False),
+        'op': AIKOp(channels, stride, batch, out_size),
+        'layer': AIKConv2d(channels, channels, 3, stride, 1, bias=False),
+    }
+    x = torch.randn(batch, channels, size, size, requires_grad=True)
+    times = []
+    for i in range(warmup + rounds):
+        round_times = {}
+        for name, layer in rows.items():
+            start = time.perf_counter()
+            layer(x).sum().backward()
+            round_times[name] = time.perf_counter() - start
+        if i >= warmup:
+            times.append(round_times)
+    return times
+
+
+def quarters(times):
+    """Per quarter of each row's own sorted times, fastest first: the
+    convolution's median (ms) and the op's and layer's medians as ratios to
+    it."""
+    size = len(times) // 4
+    ordered = {row: sorted(t[row] for t in times) for row in times[0]}
+    for q in range(4):
+        median = {
+            row: statistics.median(values[q * size:(q + 1) * size])
+            for row, values in ordered.items()
+        }
+        yield (median['conv'] * 1e3, median['op'] / median['conv'],
+               median['layer'] / median['conv'])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--rounds', type=int, default=200)
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--shape', type=int, nargs=3, default=None,
+                        metavar=('C', 'SIZE', 'STRIDE'))
+    args = parser.parse_args()
+    if args.rounds < 4:
+        parser.error(f'--rounds must be at least 4, got {args.rounds}')
+    shapes = [tuple(args.shape)] if args.shape else SHAPES
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
+          f'batch {args.batch}, {args.rounds} rounds; per quarter of each '
+          'row\'s sorted times, fastest first: conv ms, op / conv, '
+          'layer / conv (medians)')
+    for shape in shapes:
+        cells = [f'{conv:.2f} ms {op:.2f} {layer:.2f}' for conv, op, layer in
+                 quarters(timed_rounds(*shape, args.batch, args.rounds))]
+        print(f'C={shape[0]}, {shape[1]}x{shape[1]}, stride {shape[2]}: '
+              + ' | '.join(cells), flush=True)
+
+
+if __name__ == '__main__':
+    main()
