@@ -5,9 +5,9 @@ On a shared machine every row's step time swings (the convolution's at
 C = 64, 56x56 here between about 6 and 12 ms), so one median ratio depends on
 when it was taken. This script times nn.Conv2d, the op alone (attention
 given) and the whole layer forward+backward in turn for many rounds in one
-process, sorts each row's times on their own and prints per quarter (fastest
-first) the row's median within it: the fastest quarters compare the rows as
-a quiet machine runs them. (Sorting the rounds by the convolution's time
+process, sorts each row's times on their own and prints the medians over all
+rounds, then per quarter (fastest first) the row's median within it: the
+fastest quarters compare the rows as a quiet machine runs them. (Sorting the rounds by the convolution's time
 alone would pick rounds where the convolution was lucky, not where the
 machine was quiet, and inflate the other rows' ratios.)
 
@@ -46,15 +46,16 @@ def timed_rounds(channels, size, stride, batch, rounds, warmup=10):
     return times
 
 
-def quarters(times):
-    """Per quarter of each row's own sorted times, fastest first: the
-    convolution's median (ms) and the op's and layer's medians as ratios to
-    it."""
+def medians(times):
+    """Over all rounds, then per quarter of each row's own sorted times
+    (fastest first): the convolution's median (ms) and the op's and layer's
+    medians as ratios to it."""
     size = len(times) // 4
     ordered = {row: sorted(t[row] for t in times) for row in times[0]}
-    for q in range(4):
+    for first, last in [(0, len(times))] + [(q * size, (q + 1) * size)
+                                             for q in range(4)]:
         median = {
-            row: statistics.median(values[q * size:(q + 1) * size])
+            row: statistics.median(values[first:last])
             for row, values in ordered.items()
         }
         yield (median['conv'] * 1e3, median['op'] / median['conv'],
@@ -72,14 +73,16 @@ def main():
         parser.error(f'--rounds must be at least 4, got {args.rounds}')
     shapes = [tuple(args.shape)] if args.shape else SHAPES
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
-          f'batch {args.batch}, {args.rounds} rounds; per quarter of each '
-          'row\'s sorted times, fastest first: conv ms, op / conv, '
-          'layer / conv (medians)')
+          f'batch {args.batch}, {args.rounds} rounds; medians of all rounds, '
+          'then per quarter of each row\'s sorted times, fastest first: '
+          'conv ms, op / conv, layer / conv')
     for shape in shapes:
-        cells = [f'{conv:.2f} ms {op:.2f} {layer:.2f}' for conv, op, layer in
-                 quarters(timed_rounds(*shape, args.batch, args.rounds))]
+        all_rounds, *by_quarter = [
+            f'{conv:.2f} ms {op:.2f} {layer:.2f}' for conv, op, layer in
+            medians(timed_rounds(*shape, args.batch, args.rounds))
+        ]
         print(f'C={shape[0]}, {shape[1]}x{shape[1]}, stride {shape[2]}: '
-              + ' | '.join(cells), flush=True)
+              f'{all_rounds} || ' + ' | '.join(by_quarter), flush=True)
 
 
 if __name__ == '__main__':
