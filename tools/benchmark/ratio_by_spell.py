@@ -18,20 +18,20 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
-from aik_rows import SHAPES, AIKOp
-from mmdynconv.cnn import AIKConv2d
+from aik_rows import SHAPES
+from benchmark_aik_conv import build_layers
 
 
 def timed_rounds(channels, size, stride, batch, rounds, warmup=10):
-    """[{row: seconds}] of forward+backward steps, the rows in turn."""
+    """[{row: seconds}] of forward+backward steps, the rows in turn (built
+    as the benchmark builds them)."""
     torch.manual_seed(0)
-    out_size = ((size - 1) // stride + 1, ) * 2
+    layers = build_layers(channels, size, stride, batch)
     rows = {
-        'conv': nn.Conv2d(channels, channels, 3, stride, 1, bias=False),
-        'op': AIKOp(channels, stride, batch, out_size),
-        'layer': AIKConv2d(channels, channels, 3, stride, 1, bias=False),
+        'conv': layers['nn.Conv2d'],
+        'op': layers['AIK op, A given'],
+        'layer': layers['AIK layer'],
     }
     x = torch.randn(batch, channels, size, size, requires_grad=True)
     times = []

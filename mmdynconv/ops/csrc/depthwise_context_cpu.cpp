@@ -456,9 +456,6 @@ void project_back(const T* dl, int64_t maps, int64_t P, const T* proj_c, int64_t
 
 }  // namespace
 
-// x (B, C, H, W), weight (C, 1, kh, kw), mean (C,) or None ->
-// [z (B, C, H_out, W_out) centred, mean (C,), biased var (C,; undefined when
-// mean was given), pooled (B, C) spatial mean of x]. All contiguous.
 namespace {
 
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
@@ -511,6 +508,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
 
 }  // namespace
 
+// x (B, C, H, W), weight (C, 1, kh, kw), mean (C,) or None ->
+// [z (B, C, H_out, W_out) centred, mean (C,), biased var (C,; undefined when
+// mean was given), pooled (B, C) spatial mean of x]. All contiguous.
 std::vector<at::Tensor> depthwise_context_forward(const at::Tensor& x, const at::Tensor& weight,
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef dilation,
