@@ -67,28 +67,26 @@ Stats running_statistics(const Norm& norm) {
   return {norm.running_mean.clone(), inverse_std<T>(norm.running_var, norm.eps)};
 }
 
-// The statistics of a batch of count values per channel with this mean and
-// biased variance, updating the running ones as one training forward of
-// nn.BatchNorm2d does (momentum None: cumulative average; running_var from
-// the unbiased variance).
+// Updates the norm's running statistics, if it keeps them, from a batch of
+// count values per channel with this mean and biased variance, as one
+// training forward of nn.BatchNorm2d does (momentum None: cumulative
+// average; running_var from the unbiased variance).
 template <typename T>
-Stats batch_statistics(const Norm& norm, const at::Tensor& mean, const at::Tensor& var, int64_t count) {
-  if (norm.running_mean.defined()) {
-    double factor = norm.momentum.value_or(0.0);
-    if (norm.num_batches_tracked.defined()) {
-      int64_t& batches = *norm.num_batches_tracked.data_ptr<int64_t>();
-      ++batches;
-      if (!norm.momentum) factor = 1.0 / static_cast<double>(batches);
-    }
-    const T f = static_cast<T>(factor), unbiased = static_cast<T>(double(count) / double(count - 1));
-    const T *m = mean.data_ptr<T>(), *v = var.data_ptr<T>();
-    T *running_mean = norm.running_mean.data_ptr<T>(), *running_var = norm.running_var.data_ptr<T>();
-    for (int64_t c = 0; c < mean.numel(); ++c) {
-      running_mean[c] += f * (m[c] - running_mean[c]);
-      running_var[c] += f * (v[c] * unbiased - running_var[c]);
-    }
+void update_running_statistics(const Norm& norm, const at::Tensor& mean, const at::Tensor& var, int64_t count) {
+  if (!norm.running_mean.defined()) return;
+  double factor = norm.momentum.value_or(0.0);
+  if (norm.num_batches_tracked.defined()) {
+    int64_t& batches = *norm.num_batches_tracked.data_ptr<int64_t>();
+    ++batches;
+    if (!norm.momentum) factor = 1.0 / static_cast<double>(batches);
   }
-  return {mean, inverse_std<T>(var, norm.eps)};
+  const T f = static_cast<T>(factor), unbiased = static_cast<T>(double(count) / double(count - 1));
+  const T *m = mean.data_ptr<T>(), *v = var.data_ptr<T>();
+  T *running_mean = norm.running_mean.data_ptr<T>(), *running_var = norm.running_var.data_ptr<T>();
+  for (int64_t c = 0; c < mean.numel(); ++c) {
+    running_mean[c] += f * (m[c] - running_mean[c]);
+    running_var[c] += f * (v[c] * unbiased - running_var[c]);
+  }
 }
 
 // weight * invstd, (C,): the norm is (maps - mean) * scale + bias.
@@ -189,7 +187,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& loca
   const at::Tensor& z = context[0];
   const at::Tensor centred = z.view({batch, z.size(1), -1});
   const int64_t count = batch * centred.size(2);
-  if (local_norm.batch_stats) local = batch_statistics<T>(local_norm, context[1], context[2], count);
+  if (local_norm.batch_stats) {
+    update_running_statistics<T>(local_norm, context[1], context[2], count);
+    local = {context[1], inverse_std<T>(context[2], local_norm.eps)};
+  }
   const at::Tensor maps = local_maps<T>(centred, matrix(local_proj), norm_scale<T>(local_norm, local.invstd),
                                         local_norm.bias);
 
@@ -202,7 +203,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& loca
   const std::vector<at::Tensor> tail =
       tail_forward(maps, optional(glob), fusion, optional(fuse.mean), optional(fuse.invstd), fuse_norm.weight,
                    fuse_norm.bias, fuse_norm.eps, matrix(head_weight), head_bias);
-  if (fuse_norm.batch_stats) fuse = batch_statistics<T>(fuse_norm, tail[1], tail[2], count);
+  if (fuse_norm.batch_stats) {
+    update_running_statistics<T>(fuse_norm, tail[1], tail[2], count);
+    fuse = {tail[1], tail[3]};  // the invstd the tail normalised with
+  }
 
   const at::Tensor attn = activate(tail[0], act, groups).view({batch, groups, -1, z.size(2), z.size(3)});
   return {attn, pooled, maps, local.mean, local.invstd, fuse.mean, fuse.invstd};
@@ -332,8 +336,8 @@ std::vector<at::Tensor> generator_forward(const at::Tensor& input, const at::Ten
   const Norm local_norm(local_norm_args), fuse_norm(fuse_norm_args);
   const at::Tensor x = input.contiguous();
   check_generator_dtypes(x, {local_proj, global_proj.value_or(at::Tensor()), local_norm.weight, local_norm.bias,
-                             local_norm.running_mean, local_norm.running_var, fuse_norm.running_mean,
-                             fuse_norm.running_var});
+                             local_norm.running_mean, local_norm.running_var, fuse_norm.weight, fuse_norm.bias,
+                             fuse_norm.running_mean, fuse_norm.running_var});
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "generator_forward", [&] {
     result = forward_impl<scalar_t>(x, local_conv, stride, padding, dilation, local_norm, local_proj, global_proj,
@@ -360,8 +364,8 @@ std::vector<at::Tensor> generator_backward(
   const Norm local_norm(local_norm_args), fuse_norm(fuse_norm_args);
   const at::Tensor x = input.contiguous();
   check_generator_dtypes(x, {attn, local_maps, pooled.value_or(at::Tensor()), local_proj,
-                             global_proj.value_or(at::Tensor()), local_norm.weight, local_norm.bias, local_mean,
-                             local_invstd, fuse_mean, fuse_invstd});
+                             global_proj.value_or(at::Tensor()), local_norm.weight, local_norm.bias, fuse_norm.weight,
+                             fuse_norm.bias, local_mean, local_invstd, fuse_mean, fuse_invstd});
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "generator_backward", [&] {
     result = backward_impl<scalar_t>(x, attn, grad_attn, pooled, local_maps, {local_mean, local_invstd},

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "tensor_data.h"
 #include "workspace.h"
 
 namespace {
@@ -104,13 +105,6 @@ Tail<T> make_tail(const at::Tensor& local, const std::optional<at::Tensor>& glob
           weight.data_ptr<T>()};
 }
 
-template <typename T>
-const T* optional_data(const std::optional<at::Tensor>& t) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->is_contiguous(), "the norm's parameters must be contiguous");
-  return t->data_ptr<T>();
-}
-
 // Z (logits x n, rows of kBlock) = W H + bias.
 template <typename T>
 void head_block(const Tail<T>& tail, const T* h, const T* bias, int64_t n, T* z) {
@@ -161,11 +155,10 @@ template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                      int64_t fusion, const std::optional<at::Tensor>& given_mean,
                                      const std::optional<at::Tensor>& given_invstd,
-                                     const std::optional<at::Tensor>& gamma,
-                                     const std::optional<at::Tensor>& beta, double eps,
+                                     const at::Tensor& gamma, const at::Tensor& beta, double eps,
                                      const at::Tensor& weight, const at::Tensor& bias) {
   const bool batch_stats = !(given_mean.has_value() && given_mean->defined());
-  at::Tensor logits, mean, var, scale;
+  at::Tensor logits, mean, var, invstd;
   const Tail<T> tail = make_tail<T>(local, glob, fusion, weight);
   logits = at::empty({tail.batch, tail.logits, tail.positions}, local.options());
   if (batch_stats) {
@@ -198,15 +191,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
         vd[j] = static_cast<T>(fused_sum(j, [mu](T v) { return (v - mu) * (v - mu); }) / count);
       }
     });
-    scale = (var + eps).rsqrt_();
+    invstd = (var + eps).rsqrt_();
   } else {
     mean = given_mean->contiguous();
-    scale = given_invstd->contiguous();
+    invstd = given_invstd->contiguous();
   }
-  if (gamma.has_value() && gamma->defined()) scale = scale * *gamma;
+  const at::Tensor scale = gamma.defined() ? invstd * gamma : invstd;
   const T* md = mean.data_ptr<T>();
   const T* sd = scale.data_ptr<T>();
-  const T* betad = optional_data<T>(beta);
+  const T* betad = data_or_null<T>(beta);
   const T* biasd = bias.data_ptr<T>();
   T* zd = logits.data_ptr<T>();
   at::parallel_for(0, tail.batch * tail.blocks(), 1, [&](int64_t i0, int64_t i1) {
@@ -221,7 +214,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
       }
     }
   });
-  return {logits, mean, batch_stats ? var : at::Tensor()};
+  return {logits, mean, batch_stats ? var : at::Tensor(), invstd};
 }
 
 // The backward on one dtype (see tail_backward).
@@ -229,7 +222,7 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                       int64_t fusion, const at::Tensor& mean, const at::Tensor& scale,
                                       const std::optional<at::Tensor>& stat_terms,
-                                      const std::optional<at::Tensor>& beta, const at::Tensor& weight,
+                                      const at::Tensor& beta, const at::Tensor& weight,
                                       const at::Tensor& attn, const at::Tensor& grad_attn, int64_t act,
                                       int64_t groups) {
   const Tail<T> tail = make_tail<T>(local, glob, fusion, weight);
@@ -247,7 +240,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
               "stat must be a contiguous (M', 2) tensor");
   const T* md = mean.data_ptr<T>();
   const T* sd = scale.data_ptr<T>();
-  const T* betad = optional_data<T>(beta);
+  const T* betad = data_or_null<T>(beta);
   const T* ad = attn.data_ptr<T>();
   const T* gad = grad_attn.data_ptr<T>();
   // per thread: grad_weight (GK x M'), grad_bias (GK), sum dN, sum dN * centred (M' each)
@@ -378,12 +371,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
 // local (B, M, P), glob (B, M) or None, the fusion norm's mean and invstd
 // (M',; None: batch statistics), gamma and beta (M',) or None, head weight
 // (G*K, M') and bias (G*K,) -> [Z (B, G*K, P), mean (M'), biased var (M';
-// undefined when mean was given)].
+// undefined when mean was given), invstd (M'; the given one, or
+// 1 / sqrt(var + eps))].
 std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                      int64_t fusion, const std::optional<at::Tensor>& mean,
                                      const std::optional<at::Tensor>& invstd,
-                                     const std::optional<at::Tensor>& gamma,
-                                     const std::optional<at::Tensor>& beta, double eps,
+                                     const at::Tensor& gamma, const at::Tensor& beta, double eps,
                                      const at::Tensor& weight, const at::Tensor& bias) {
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(local.scalar_type(), "tail_forward", [&] {
@@ -402,7 +395,7 @@ std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optiona
 std::vector<at::Tensor> tail_backward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                       int64_t fusion, const at::Tensor& mean, const at::Tensor& scale,
                                       const std::optional<at::Tensor>& stat_terms,
-                                      const std::optional<at::Tensor>& beta, const at::Tensor& weight,
+                                      const at::Tensor& beta, const at::Tensor& weight,
                                       const at::Tensor& attn, const at::Tensor& grad_attn, int64_t act,
                                       int64_t groups) {
   std::vector<at::Tensor> result;

@@ -45,13 +45,12 @@ std::vector<at::Tensor> depthwise_context_backward(
 std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                      int64_t fusion, const std::optional<at::Tensor>& mean,
                                      const std::optional<at::Tensor>& invstd,
-                                     const std::optional<at::Tensor>& gamma,
-                                     const std::optional<at::Tensor>& beta, double eps,
+                                     const at::Tensor& gamma, const at::Tensor& beta, double eps,
                                      const at::Tensor& weight, const at::Tensor& bias);
 std::vector<at::Tensor> tail_backward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                       int64_t fusion, const at::Tensor& mean, const at::Tensor& scale,
                                       const std::optional<at::Tensor>& stat_terms,
-                                      const std::optional<at::Tensor>& beta, const at::Tensor& weight,
+                                      const at::Tensor& beta, const at::Tensor& weight,
                                       const at::Tensor& attn, const at::Tensor& grad_attn, int64_t act,
                                       int64_t groups);
 
