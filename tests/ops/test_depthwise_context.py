@@ -19,6 +19,9 @@ GEOMETRIES = [
     ((1, 1), (3, 3), 2, 1, 1),
     ((12, 13), (3, 3), 3, 1, 2),
     ((8, 8), (2, 4), (2, 1), (0, 2), (1, 3)),
+    # no tap reads the last column and row: the pooled mean's gradient
+    # reaches them apart from the conv's
+    ((5, 5), (2, 2), 2, 0, 1),
 ]
 
 
@@ -118,10 +121,12 @@ def test_backward_without_statistics_terms_or_pooled_gradient(
         cross, torch.einsum('bmhw,bchw->mc', grad_local, z.detach()), **TOL)
 
 
-@pytest.mark.parametrize('stride', [1, 2])
-def test_backward_adds_into_a_given_gradient(generator_path, stride):
-    geo = (stride, stride), (1, 1), (1, 1)
-    x, weight = inputs((9, 8), (3, 3))
+@pytest.mark.parametrize('kernel,stride,padding', [(3, 1, 1), (3, 2, 1),
+                                                    (2, 2, 0)])
+def test_backward_adds_into_a_given_gradient(generator_path, kernel, stride,
+                                             padding):
+    geo = (stride, stride), (padding, padding), (1, 1)
+    x, weight = inputs((9, 9), (kernel, kernel))
     z = F.conv2d(x, weight, None, *geo, groups=5)
     grad_local, proj = local_gradient(z)
     args = (grad_local.flatten(2), proj, x, weight, *geo,

@@ -239,14 +239,6 @@ void check_vector(const at::Tensor& t, const Geometry& g, const char* name) {
 }
 
 template <typename T>
-double dot(const T* a, const T* b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
-  return acc;
-}
-
-template <typename T>
 double plane_sum(const T* p, int64_t n) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
@@ -296,15 +288,15 @@ void strided_copy(const T* __restrict src, int64_t stride, T* __restrict dst, in
   }
 }
 
-// dst[k * stride] += src[k] for k < n; stride 1 and 2 as constants.
+// dst[k * stride] += src[k] + share for k < n; stride 1 and 2 as constants.
 template <typename T>
-void strided_add(const T* __restrict src, int64_t stride, T* __restrict dst, int64_t n) {
+void strided_add(const T* __restrict src, int64_t stride, T share, T* __restrict dst, int64_t n) {
   if (stride == 1) {
-    for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+    for (int64_t k = 0; k < n; ++k) dst[k] += src[k] + share;
   } else if (stride == 2) {
-    for (int64_t k = 0; k < n; ++k) dst[2 * k] += src[k];
+    for (int64_t k = 0; k < n; ++k) dst[2 * k] += src[k] + share;
   } else {
-    for (int64_t k = 0; k < n; ++k) dst[k * stride] += src[k];
+    for (int64_t k = 0; k < n; ++k) dst[k * stride] += src[k] + share;
   }
 }
 
@@ -317,12 +309,21 @@ void build_phases(const Geometry& g, const T* x, T* q) {
   });
 }
 
-// dx += the phase planes' gradient dq, at the input pixels they hold.
+// dx += the phase planes' gradient dq + share, at the input pixels they
+// hold.
 template <typename T>
-void add_phases(const Geometry& g, const T* dq, T* dx) {
+void add_phases(const Geometry& g, const T* dq, T share, T* dx) {
   for_each_phase_row(g, [&](int64_t at, int64_t from, int64_t first, int64_t last) {
-    strided_add(dq + at + first, g.sw, dx + from, last - first);
+    strided_add(dq + at + first, g.sw, share, dx + from, last - first);
   });
+}
+
+// Whether the phase planes hold every input pixel (each at most once, by
+// construction); pixels that no tap reads may lie outside them.
+bool phases_hold_input(const Geometry& g) {
+  int64_t held = 0;
+  for_each_phase_row(g, [&](int64_t, int64_t, int64_t first, int64_t last) { held += last - first; });
+  return held == g.plane();
 }
 
 // Per-thread scratch: the phase planes of `images` input planes (one
@@ -383,12 +384,12 @@ void gradient_rows(const Geometry& g, const T* u, const T* z, T scale, T e, T f,
   }
 }
 
-// One input plane's gradient added to dx (may be null) and the weight
-// gradient's sums (grad_w, may be null) from the output gradient in s.rows,
-// with the plane's phases (needed for grad_w) and the channel's weights in
-// s.phase_weights.
+// One input plane's gradient, plus share at every pixel the phase planes
+// hold, added to dx (may be null), and the weight gradient's sums (grad_w,
+// may be null) from the output gradient in s.rows, with the plane's phases
+// (needed for grad_w) and the channel's weights in s.phase_weights.
 template <typename T>
-void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, const T* phases, T* dx,
+void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, const T* phases, T* dx, T share,
                          double* grad_w) {
   if (grad_w) tap_dots(s.rows, phases, taps.offsets, g.run(), grad_w);
   if (!dx) return;
@@ -396,24 +397,25 @@ void conv_plane_backward(const Geometry& g, const Taps& taps, Scratch<T>& s, con
     weighted_sum(s.rows, taps.by_phase[p], s.phase_weights[p].data(), T(0),
                  s.grad_phases.data() + p * g.phase_size(), g.phase_size());
   }
-  add_phases(g, s.grad_phases.data(), dx);
+  add_phases(g, s.grad_phases.data(), share, dx);
 }
 
 // Back through local = proj @ n for one output plane of channel c, for N of
 // the maps: from their gradients dl (N x P, rows of P) and proj's column c
 // at them (proj_c[m * stride]), u += sum_m proj_c[m] * dl[m] (u = 0 first
 // when not accumulate) and cross[m] += <dl[m], z> (proj's gradient before
-// the norm's scale). Each vector of u is summed over the maps in a register
-// and each map's dot has a register of its own.
+// the norm's scale); with u_sums (the last chunk, when u is complete),
+// u_sums[0] += <u, z> and u_sums[1] += sum(u). Each vector of u is summed
+// over the maps in a register and each map's dot has a register of its own.
 template <int64_t N, typename T>
 void project_back_chunk(const T* dl, int64_t P, const T* proj_c, int64_t stride, const T* z, bool accumulate, T* u,
-                        double* cross) {
+                        double* cross, double* u_sums) {
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::size;
   T w[N];
   for (int64_t m = 0; m < N; ++m) w[m] = proj_c[m * stride];
-  VT dots[N] = {};
+  VT dots[N] = {}, uz = {}, u_total = {};
   int64_t j = 0;
   for (; j + L <= P; j += L) {
     const VT zv = V::load(z + j);
@@ -424,12 +426,18 @@ void project_back_chunk(const T* dl, int64_t P, const T* proj_c, int64_t stride,
       dots[m] += row * zv;
     }
     V::store(u + j, uv);
+    if (u_sums) {
+      uz += uv * zv;
+      u_total += uv;
+    }
   }
-  for (int64_t m = 0; m < N; ++m) {
-    double dot_sum = 0;
-    for (int64_t k = 0; k < L; ++k) dot_sum += dots[m][k];
-    cross[m] += dot_sum;
-  }
+  const auto lanes = [](const VT& v) {
+    double sum = 0;
+    for (int64_t k = 0; k < L; ++k) sum += v[k];
+    return sum;
+  };
+  for (int64_t m = 0; m < N; ++m) cross[m] += lanes(dots[m]);
+  double uz_rest = 0, u_rest = 0;
   for (; j < P; ++j) {
     T uj = accumulate ? u[j] : T(0);
     for (int64_t m = 0; m < N; ++m) {
@@ -437,21 +445,31 @@ void project_back_chunk(const T* dl, int64_t P, const T* proj_c, int64_t stride,
       cross[m] += double(dl[m * P + j]) * z[j];
     }
     u[j] = uj;
+    uz_rest += double(uj) * z[j];
+    u_rest += uj;
+  }
+  if (u_sums) {
+    u_sums[0] += lanes(uz) + uz_rest;
+    u_sums[1] += lanes(u_total) + u_rest;
   }
 }
 
 // The same over all M maps: u = sum_m proj_c[m] * dl[m], the gradient at n,
 // and cross[m] += <dl[m], z>; the maps eight at a time (hidden widths are
-// multiples of eight unless set otherwise).
+// multiples of eight unless set otherwise). Returns {<u, z>, sum(u)}.
 template <typename T>
-void project_back(const T* dl, int64_t maps, int64_t P, const T* proj_c, int64_t stride, const T* z, T* u,
-                  double* cross) {
+std::pair<double, double> project_back(const T* dl, int64_t maps, int64_t P, const T* proj_c, int64_t stride,
+                                       const T* z, T* u, double* cross) {
   constexpr int64_t kMaps = 8;
+  double u_sums[2] = {0, 0};
   for (int64_t m0 = 0; m0 < maps; m0 += kMaps) {
+    const bool last = m0 + kMaps >= maps;
     with_count(std::min(kMaps, maps - m0), [&](auto N) {
-      project_back_chunk<N()>(dl + m0 * P, P, proj_c + m0 * stride, stride, z, m0 > 0, u, cross + m0);
+      project_back_chunk<N()>(dl + m0 * P, P, proj_c + m0 * stride, stride, z, m0 > 0, u, cross + m0,
+                              last ? u_sums : nullptr);
     });
   }
+  return {u_sums[0], u_sums[1]};
 }
 
 }  // namespace
@@ -584,6 +602,7 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_local,
     T* dxd = need_input ? grad_x.data_ptr<T>() : nullptr;
     T* dwd = need_weight ? grad_weight.data_ptr<T>() : nullptr;
     T* cd = cross.data_ptr<T>();
+    const bool phases_hold_all = phases_hold_input(g);
     at::parallel_for(0, g.channels, channel_grain(g), [&](int64_t c0, int64_t c1) {
       Scratch<T> s(g, taps, g.batch, true, need_input);
       std::vector<double> grad_w(g.taps()), cross_c(M);
@@ -594,9 +613,9 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_local,
         for (int64_t b = 0; b < g.batch; ++b) {
           T *z = s.z_of(b), *u = s.u_of(b);
           conv_plane(g, taps, xd + (b * g.channels + c) * g.plane(), w, -md[c], s, s.phases_of(b), z);
-          project_back(dld + b * M * P, M, P, pd + c, g.channels, z, u, cross_c.data());
-          zu += dot(u, z, P);
-          u_sum += plane_sum(u, P);
+          const auto [plane_zu, plane_u] = project_back(dld + b * M * P, M, P, pd + c, g.channels, z, u, cross_c.data());
+          zu += plane_zu;
+          u_sum += plane_u;
         }
         const T e = std_ ? static_cast<T>(std_[2 * c] * zu) : T(0);
         const T f = std_ ? static_cast<T>(std_[2 * c + 1] * u_sum) : T(0);
@@ -605,16 +624,19 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_local,
         for (int64_t b = 0; b < g.batch; ++b) {
           gradient_rows(g, s.u_of(b), s.z_of(b), sd[c], e, f, s);
           T* dx = nullptr;
+          T share = 0;  // the pooled mean's gradient at each pixel, when added with the conv's
           if (need_input) {
             dx = dxd + (b * g.channels + c) * g.plane();
             const T pooled_share = pgd ? static_cast<T>(pgd[b * g.channels + c] / g.plane()) : T(0);
+            share = phases_hold_all ? pooled_share : T(0);
+            const T apart = pooled_share - share;  // else added here, in a pass of its own
             if (!accumulate) {
-              std::fill(dx, dx + g.plane(), pooled_share);
-            } else if (pgd) {
-              std::for_each(dx, dx + g.plane(), [&](T& v) { v += pooled_share; });
+              std::fill(dx, dx + g.plane(), apart);
+            } else if (apart != T(0)) {
+              std::for_each(dx, dx + g.plane(), [&](T& v) { v += apart; });
             }
           }
-          conv_plane_backward(g, taps, s, s.phases_of(b), dx, need_weight ? grad_w.data() : nullptr);
+          conv_plane_backward(g, taps, s, s.phases_of(b), dx, share, need_weight ? grad_w.data() : nullptr);
         }
         if (need_weight) {
           for (int64_t t = 0; t < g.taps(); ++t) dwd[c * g.taps() + t] = static_cast<T>(grad_w[t]);
