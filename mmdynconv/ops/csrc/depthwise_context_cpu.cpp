@@ -300,10 +300,11 @@ void strided_add(const T* __restrict src, int64_t stride, T share, T* __restrict
   }
 }
 
-// The phase planes of input plane x (zero outside it) into q.
+// The phase planes of input plane x into q, whose pixels outside the input
+// must be zero already: a Scratch's are, as every call writes the same
+// pixels.
 template <typename T>
 void build_phases(const Geometry& g, const T* x, T* q) {
-  std::fill(q, q + g.phases_size(), T(0));
   for_each_phase_row(g, [&](int64_t at, int64_t from, int64_t first, int64_t last) {
     strided_copy(x + from, g.sw, q + at + first, last - first);
   });
