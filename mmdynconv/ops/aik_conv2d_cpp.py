@@ -5,7 +5,7 @@ per tile the attention-modulated patch matrix (C*K x positions) is built in a
 buffer and contracted with the weight by one GEMM that writes the tile's
 part of the output in place. Backward, per tile: one GEMM gives the patch
 gradient, one fused pass turns it into the attention and input gradients and
-rebuilds the patches, which feed one GEMM into the weight gradient. Thin
+rebuilds the patches in its place, which feed one GEMM into the weight gradient. Thin
 layers with large maps run small cache-resident tiles in parallel; wide
 layers with small maps run the whole batch as one tile with every GEMM on all
 threads.
@@ -30,8 +30,8 @@ from . import extension
 from .aik_conv2d import AIKConv2dFunction, ConvGeometry, in_layout_of
 
 AVAILABLE = extension.cpu is not None
-# Elements of one tile's patch matrix (512 KiB in float32: a thread's two
-# backward buffers stay in its L2 cache); also decides the schedule.
+# Elements of one tile's patch matrix (512 KiB in float32: a thread's tile
+# buffer stays in its L2 cache); also decides the schedule.
 TILE_ELEMENTS = 1 << 17
 # Patch-matrix elements below which a pass does not start another thread.
 THREAD_ELEMENTS = 1 << 15

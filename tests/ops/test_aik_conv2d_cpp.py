@@ -59,6 +59,34 @@ def test_schedules_match_reference(monkeypatch, threads, tile_elements):
         torch.set_num_threads(old_threads)
 
 
+@pytest.mark.parametrize('tile_elements', [300, 1 << 17])
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('wanted', [(True, False, False), (False, True, False),
+                                    (False, False, True),
+                                    (False, True, True)])
+def test_each_subset_of_gradients(monkeypatch, tile_elements, stride, wanted):
+    """The backward skips the passes a gradient alone does not need (the
+    weight's alone builds the patches without the patch gradient)."""
+    monkeypatch.setattr(cpp, 'TILE_ELEMENTS', tile_elements)
+    case = make_case(2, 4, 3, (9, 8), (3, 3), stride, (1, 1), 1, 1, 2)
+    grad_out = torch.randn(2, 3, *[(n - 1) // stride + 1 for n in (9, 8)],
+                           dtype=torch.float64)
+    grads = {}
+    for impl in ('cpp', 'reference'):
+        inputs = [t.clone().requires_grad_(want)
+                  for t, want in zip(case[:3], wanted)]
+        aik_conv2d(*inputs, stride=stride, padding=1,
+                   impl=impl).backward(grad_out)
+        grads[impl] = [t.grad for t in inputs]
+    for actual, expected, want in zip(grads['cpp'], grads['reference'],
+                                      wanted):
+        if want:
+            torch.testing.assert_close(actual, expected, rtol=1e-10,
+                                       atol=1e-10)
+        else:
+            assert actual is None
+
+
 def test_partial_gradients_and_layouts():
     x, attn, weight, bias = make_case(2, 6, 4, (10, 8), (3, 3), 1, (1, 1),
                                       1, 1, 3)

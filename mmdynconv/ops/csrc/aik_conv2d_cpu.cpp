@@ -10,8 +10,8 @@
 // K-times-larger tensor of the whole batch is kept, and the weight is used as
 // it lies. Backward, per tile: one GEMM gives the patch gradient
 // Q = w^T dy (C*K x R); one fused pass turns it into the attention gradient
-// and the input gradient and rebuilds P, which feeds one GEMM, dy P^T, into
-// the weight gradient.
+// and the input gradient and rebuilds P over it (one buffer), which feeds
+// one GEMM, dy P^T, into the weight gradient.
 //
 // Two schedules:
 // * many small tiles (thin layers with large maps): bands of one image,
@@ -97,9 +97,6 @@ struct Schedule {
   }
 };
 
-// Patch-matrix elements per cache-resident tile buffer: 128 Ki (512 KiB in
-// float32), so that the two backward buffers of a thread stay within its L2.
-constexpr int64_t kTileElements = 1 << 17;
 // Input-plane elements per thread of the phase-plane conversions.
 constexpr int64_t kPlaneGrain = 1 << 15;
 // Tiles per thread below which tiles are too few to balance across threads.
@@ -229,7 +226,7 @@ struct TileData {
   scalar_t* matrix;      // P (written) or Q (read)
   scalar_t* grad_attn;   // before the mask: a thread's partial sum, see aik_backward
   scalar_t* grad_x;
-  scalar_t* patches;     // P, written by the pass that reads Q (optional)
+  scalar_t* patches;     // P, written by the pass that reads Q (optional; over Q in matrix)
 };
 
 // One (channel, tap) row of a part (a band of image b): where it sits in the
@@ -371,14 +368,17 @@ void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const 
   scalar_t* ga = kGradAttn ? d.grad_attn + row.attn_offset : nullptr;
   const scalar_t* src = d.x + row.x_offset;
   scalar_t* gx = kGradX ? d.grad_x + row.x_offset : nullptr;
+  // P may overwrite Q in place: Q is read at the positions where the tap
+  // reads inside its plane before P is written there, and P's zeros go
+  // elsewhere
   if (flat_runs(g)) {
     const auto [begin, end] = flat_run(g, row, part);
+    grad_run<kGradAttn, kGradX>(0, 0, begin, end, a, src, q, ga, gx);
     if constexpr (kPatches) {
       std::fill(p + part_begin, p + begin, scalar_t(0));
       patch_run(0, 0, begin, end, a, src, p);
       std::fill(p + end, p + part_end, scalar_t(0));
     }
-    grad_run<kGradAttn, kGradX>(0, 0, begin, end, a, src, q, ga, gx);
     return;
   }
   const auto [first, last] = inside_rows(g, part, row.di);
@@ -386,8 +386,8 @@ void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const 
   if constexpr (kPatches) zero_outside(g, part, row.di, row.dj, p);
   for (int64_t oh = first; oh < last; ++oh) {
     const int64_t r0 = oh * g.out_w, x0 = oh * g.plane_w;
-    if constexpr (kPatches) patch_run(r0, x0, lo, hi, a, src, p);
     grad_run<kGradAttn, kGradX>(r0, x0, lo, hi, a, src, q, ga, gx);
+    if constexpr (kPatches) patch_run(r0, x0, lo, hi, a, src, p);
   }
 }
 
@@ -637,8 +637,9 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
     grad_w_parts = schedule.parallel_tiles ? workspace(kWeightGradParts, {buffers, O, g.cols()}, x.options()).zero_()
                                            : at::empty({1, O, g.cols()}, x.options());
   }
-  at::Tensor q_buffers = need_q ? workspace(kMatrixBuffers, {buffers, elements}, x.options()) : at::Tensor();
-  at::Tensor patch_buffers = need_weight ? workspace(kPatchBuffers, {buffers, elements}, x.options()) : at::Tensor();
+  // per thread: Q, then P over it
+  at::Tensor matrix_buffers =
+      need_q || need_weight ? workspace(kMatrixBuffers, {buffers, elements}, x.options()) : at::Tensor();
   const at::Tensor staging_buffer = staging_columns(schedule, O, g, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aik_backward", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
@@ -651,9 +652,9 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
       const int64_t R = tile.positions(g);
       const Columns<scalar_t> tile_dy = tile_columns<true>(dy, O, g, tile, staging);
       TileData<scalar_t> data = all;
-      data.patches = thread_buffer<scalar_t>(patch_buffers, thread);
-      if (need_q) {  // P, when needed, is built in the pass that reads Q
-        data.matrix = thread_buffer<scalar_t>(q_buffers, thread);
+      data.matrix = thread_buffer<scalar_t>(matrix_buffers, thread);
+      if (need_weight) data.patches = data.matrix;
+      if (need_q) {  // P, when needed, is built over Q in the pass that reads it
         gemm<scalar_t>(true, false, g.cols(), R, O, w, g.cols(), tile_dy.data, tile_dy.ld, 0, data.matrix, R);
         for_each_part(schedule, tile, thread, need_input, [&](const Band& part, int64_t part_thread) {
           TileData<scalar_t> part_data = data;

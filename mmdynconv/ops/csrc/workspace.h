@@ -20,7 +20,6 @@
 enum Slot {
   // aik_conv2d_cpu.cpp
   kMatrixBuffers,
-  kPatchBuffers,
   kWeightGradParts,
   kInputPlanes,
   kGradPlanes,
