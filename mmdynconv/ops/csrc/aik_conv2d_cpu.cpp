@@ -223,10 +223,10 @@ template <typename scalar_t>
 struct TileData {
   const scalar_t* x;
   const scalar_t* attn;  // zero where the tap reads outside its plane
-  scalar_t* matrix;      // P (written) or Q (read)
+  scalar_t* matrix;      // P (written), or Q (read, and with rebuild_patches P written over it)
   scalar_t* grad_attn;   // before the mask: a thread's partial sum, see aik_backward
   scalar_t* grad_x;
-  scalar_t* patches;     // P, written by the pass that reads Q (optional; over Q in matrix)
+  bool rebuild_patches;
 };
 
 // One (channel, tap) row of a part (a band of image b): where it sits in the
@@ -353,16 +353,15 @@ void grad_run(int64_t r0, int64_t x0, int64_t lo, int64_t hi, const scalar_t* a,
 
 // One (channel, tap) row of the part:
 // with kPatches, P[c*K + t, r] = attn[a(c), t, r] * x[c, window(r, t)] into
-// `patches` (zero in the padding); from Q[c*K + t, r] = sum_o w[o, c, t] * dy[o, r]
-// in d.matrix, with kGradAttn, grad_attn[a, t, r] += sum_{c in a} Q * x[c, window(r, t)]
+// d.matrix (zero in the padding); from Q[c*K + t, r] = sum_o w[o, c, t] * dy[o, r]
+// in d.matrix, first, with kGradAttn, grad_attn[a, t, r] += sum_{c in a} Q * x[c, window(r, t)]
 // (before the tap mask), and with kGradX, grad_x[c, window(r, t)] += attn[a(c), t, r] * Q.
 template <bool kPatches, bool kGradAttn, bool kGradX, typename scalar_t>
-void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const TileData<scalar_t>& d,
-                  scalar_t* patches) {
+void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const TileData<scalar_t>& d) {
   const int64_t part_begin = part.oh0 * g.out_w, part_end = part.oh1 * g.out_w;
   // p, q, a, ga: indexed by output position (oh, ow) -> oh*W_out + ow of the
   // image; src, gx: by the plane pixel oh*plane_w + ow that position reads
-  scalar_t* p = kPatches ? patches + (row.matrix_offset - part_begin) : nullptr;
+  scalar_t* p = kPatches ? d.matrix + (row.matrix_offset - part_begin) : nullptr;
   const scalar_t* q = kGradAttn || kGradX ? d.matrix + (row.matrix_offset - part_begin) : nullptr;
   const scalar_t* a = d.attn + row.attn_offset;
   scalar_t* ga = kGradAttn ? d.grad_attn + row.attn_offset : nullptr;
@@ -395,7 +394,7 @@ void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const 
 template <typename scalar_t>
 void build_patches(const Geometry& g, const Tile& tile, const Band& part, const TileData<scalar_t>& d) {
   for_each_tap_row(g, tile, part, [&](const TapRow& row) {
-    tap_row_pass<true, false, false>(g, part, row, d, d.matrix);
+    tap_row_pass<true, false, false>(g, part, row, d);
   });
 }
 
@@ -410,16 +409,16 @@ void with_flag(bool flag, const Fn& fn) {
 }
 
 // From Q in d.matrix, the part's attention and input gradients into
-// d.grad_attn and d.grad_x, and its rows of P into d.patches, each when
-// given (see tap_row_pass).
+// d.grad_attn and d.grad_x, each when given, and with d.rebuild_patches
+// its rows of P over Q (see tap_row_pass).
 template <typename scalar_t>
 void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
                         const TileData<scalar_t>& d) {
-  with_flag(d.patches != nullptr, [&](auto patches) {
+  with_flag(d.rebuild_patches, [&](auto patches) {
     with_flag(d.grad_attn != nullptr, [&](auto grad_attn) {
       with_flag(d.grad_x != nullptr, [&](auto grad_x) {
         for_each_tap_row(g, tile, part, [&](const TapRow& row) {
-          tap_row_pass<patches(), grad_attn(), grad_x()>(g, part, row, d, d.patches);
+          tap_row_pass<patches(), grad_attn(), grad_x()>(g, part, row, d);
         });
       });
     });
@@ -592,7 +591,7 @@ at::Tensor aik_forward(const at::Tensor& x, const at::Tensor& attn, const at::Te
     for_each_tile(schedule, false, [&](const Tile& tile, int64_t thread) {
       const int64_t R = tile.positions(g);
       const TileData<scalar_t> data{planes.data_ptr<scalar_t>(), masked.data_ptr<scalar_t>(),
-                                    thread_buffer<scalar_t>(buffers, thread), nullptr, nullptr, nullptr};
+                                    thread_buffer<scalar_t>(buffers, thread), nullptr, nullptr, false};
       for_each_part(schedule, tile, thread, false,
                     [&](const Band& part, int64_t) { build_patches(g, tile, part, data); });
       const Columns<scalar_t> columns = tile_columns<false>(y, O, g, tile, staging);
@@ -647,13 +646,12 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
     scalar_t* staging = data_or_null<scalar_t>(staging_buffer);
     const TileData<scalar_t> all{planes.data_ptr<scalar_t>(), masked.data_ptr<scalar_t>(), nullptr,
                                  data_or_null<scalar_t>(grad_attn_parts), data_or_null<scalar_t>(grad_planes),
-                                 nullptr};
+                                 need_weight};
     for_each_tile(schedule, need_input, [&](const Tile& tile, int64_t thread) {
       const int64_t R = tile.positions(g);
       const Columns<scalar_t> tile_dy = tile_columns<true>(dy, O, g, tile, staging);
       TileData<scalar_t> data = all;
       data.matrix = thread_buffer<scalar_t>(matrix_buffers, thread);
-      if (need_weight) data.patches = data.matrix;
       if (need_q) {  // P, when needed, is built over Q in the pass that reads it
         gemm<scalar_t>(true, false, g.cols(), R, O, w, g.cols(), tile_dy.data, tile_dy.ld, 0, data.matrix, R);
         for_each_part(schedule, tile, thread, need_input, [&](const Band& part, int64_t part_thread) {
@@ -663,14 +661,14 @@ std::vector<at::Tensor> aik_backward(const at::Tensor& grad_out, const at::Tenso
         });
       }
       if (need_weight && !need_q) {
-        const TileData<scalar_t> build{all.x, all.attn, data.patches, nullptr, nullptr, nullptr};
+        const TileData<scalar_t> build{all.x, all.attn, data.matrix, nullptr, nullptr, false};
         for_each_part(schedule, tile, thread, false,
                       [&](const Band& part, int64_t) { build_patches(g, tile, part, build); });
       }
       if (need_weight) {
         scalar_t* part = grad_w_parts.data_ptr<scalar_t>() + thread * O * g.cols();
         // per-thread partials start at zero, added to; the one tile writes
-        gemm<scalar_t>(false, true, O, g.cols(), R, tile_dy.data, tile_dy.ld, data.patches, R,
+        gemm<scalar_t>(false, true, O, g.cols(), R, tile_dy.data, tile_dy.ld, data.matrix, R,
                        schedule.parallel_tiles ? 1 : 0, part, g.cols());
       }
     });

@@ -183,7 +183,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& loca
   Stats local = local_norm.batch_stats ? Stats{} : running_statistics<T>(local_norm);
   const std::vector<at::Tensor> context =
       depthwise_context_forward_scratch(x, local_conv.contiguous(), stride, padding, dilation,
-                                local_norm.batch_stats ? std::nullopt : optional(local.mean));
+                                        local_norm.batch_stats ? std::nullopt : optional(local.mean));
   const at::Tensor& z = context[0];
   const at::Tensor centred = z.view({batch, z.size(1), -1});
   const int64_t count = batch * centred.size(2);

@@ -118,6 +118,12 @@ struct Vec {
     return v;
   }
   static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
+  // The sum of v's lanes, in double.
+  static double sum(const type& v) {
+    double total = 0;
+    for (int64_t k = 0; k < size; ++k) total += v[k];
+    return total;
+  }
 };
 
 // Calls fn(std::integral_constant<int64_t, count>{}) for count in 1..9: the
@@ -209,8 +215,7 @@ void tap_dots_chunk(const T* g, const T* src, const int64_t* offsets, int64_t n,
     for (int64_t t = 0; t < N; ++t) acc[t] += gv * V::load(s[t] + j);
   }
   for (int64_t t = 0; t < N; ++t) {
-    double sum = 0;
-    for (int64_t k = 0; k < L; ++k) sum += acc[t][k];
+    double sum = V::sum(acc[t]);
     for (int64_t r = j; r < n; ++r) sum += double(g[r]) * s[t][r];
     grad_w[t] += sum;
   }
@@ -432,12 +437,7 @@ void project_back_chunk(const T* dl, int64_t P, const T* proj_c, int64_t stride,
       u_total += uv;
     }
   }
-  const auto lanes = [](const VT& v) {
-    double sum = 0;
-    for (int64_t k = 0; k < L; ++k) sum += v[k];
-    return sum;
-  };
-  for (int64_t m = 0; m < N; ++m) cross[m] += lanes(dots[m]);
+  for (int64_t m = 0; m < N; ++m) cross[m] += V::sum(dots[m]);
   double uz_rest = 0, u_rest = 0;
   for (; j < P; ++j) {
     T uj = accumulate ? u[j] : T(0);
@@ -450,8 +450,8 @@ void project_back_chunk(const T* dl, int64_t P, const T* proj_c, int64_t stride,
     u_rest += uj;
   }
   if (u_sums) {
-    u_sums[0] += lanes(uz) + uz_rest;
-    u_sums[1] += lanes(u_total) + u_rest;
+    u_sums[0] += V::sum(uz) + uz_rest;
+    u_sums[1] += V::sum(u_total) + u_rest;
   }
 }
 
@@ -614,7 +614,8 @@ std::vector<at::Tensor> depthwise_context_backward(const at::Tensor& grad_local,
         for (int64_t b = 0; b < g.batch; ++b) {
           T *z = s.z_of(b), *u = s.u_of(b);
           conv_plane(g, taps, xd + (b * g.channels + c) * g.plane(), w, -md[c], s, s.phases_of(b), z);
-          const auto [plane_zu, plane_u] = project_back(dld + b * M * P, M, P, pd + c, g.channels, z, u, cross_c.data());
+          const auto [plane_zu, plane_u] =
+              project_back(dld + b * M * P, M, P, pd + c, g.channels, z, u, cross_c.data());
           zu += plane_zu;
           u_sum += plane_u;
         }
