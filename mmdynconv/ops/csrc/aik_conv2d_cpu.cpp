@@ -252,21 +252,29 @@ TapShift tap_shift(const Geometry& g, int64_t i, int64_t j) {
   return {di, dj, (row_shift - di * g.sh) * g.sw + col_shift - dj * g.sw};
 }
 
+// tap_shift of each tap t = i * kw + j, computed once per pass rather than
+// per (channel, tap) row.
+std::vector<TapShift> tap_shifts(const Geometry& g) {
+  std::vector<TapShift> shifts;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) shifts.push_back(tap_shift(g, i, j));
+  }
+  return shifts;
+}
+
 // Calls fn(row) for each (channel, tap) of the part.
 template <typename Fn>
 void for_each_tap_row(const Geometry& g, const Tile& tile, const Band& part, const Fn& fn) {
   const int64_t R = tile.positions(g), Cg = g.channels / g.attn_groups;
   const int64_t first_position = ((part.b - tile.b0) * (tile.oh1 - tile.oh0) + part.oh0 - tile.oh0) * g.out_w;
+  const std::vector<TapShift> shifts = tap_shifts(g);
   for (int64_t c = part.c0; c < part.c1; ++c) {
-    for (int64_t i = 0; i < g.kh; ++i) {
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const TapShift shift = tap_shift(g, i, j);
-        const int64_t t = i * g.kw + j;
-        const int64_t x_plane = ((part.b * g.channels + c) * g.phases() + shift.phase) * g.plane_size();
-        fn(TapRow{(c * g.taps() + t) * R + first_position,
-                  ((part.b * g.attn_groups + c / Cg) * g.taps() + t) * g.positions(), x_plane,
-                  x_plane + shift.di * g.plane_w + shift.dj, shift.di, shift.dj});
-      }
+    const int64_t attn_row = (part.b * g.attn_groups + c / Cg) * g.taps();
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      const TapShift& shift = shifts[t];
+      const int64_t x_plane = ((part.b * g.channels + c) * g.phases() + shift.phase) * g.plane_size();
+      fn(TapRow{(c * g.taps() + t) * R + first_position, (attn_row + t) * g.positions(), x_plane,
+                x_plane + shift.di * g.plane_w + shift.dj, shift.di, shift.dj});
     }
   }
 }
@@ -319,9 +327,9 @@ void mask_padding_taps(const Geometry& g, at::Tensor& t) {
   const Band image{0, 0, g.out_h, 0, 0, g.channels};
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "mask_padding_taps", [&] {
     scalar_t* data = t.data_ptr<scalar_t>();
+    const std::vector<TapShift> shifts = tap_shifts(g);
     for (int64_t row = 0; row < g.batch * g.attn_groups * g.taps(); ++row) {
-      const int64_t tap = row % g.taps();
-      const TapShift shift = tap_shift(g, tap / g.kw, tap % g.kw);
+      const TapShift& shift = shifts[row % g.taps()];
       zero_outside(g, image, shift.di, shift.dj, data + row * g.positions());
     }
   });
