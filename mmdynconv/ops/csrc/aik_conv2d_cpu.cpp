@@ -354,8 +354,9 @@ void grad_run(int64_t r0, int64_t x0, int64_t lo, int64_t hi, const scalar_t* a,
               const scalar_t* q, scalar_t* ga, scalar_t* gx) {
 #pragma omp simd
   for (int64_t k = lo; k < hi; ++k) {
-    if constexpr (kGradAttn) ga[r0 + k] += q[r0 + k] * src[x0 + k];
-    if constexpr (kGradX) gx[x0 + k] += a[r0 + k] * q[r0 + k];
+    const scalar_t qk = q[r0 + k];  // once: the compiler cannot tell that ga's store leaves q alone
+    if constexpr (kGradAttn) ga[r0 + k] += qk * src[x0 + k];
+    if constexpr (kGradX) gx[x0 + k] += a[r0 + k] * qk;
   }
 }
 
