@@ -37,9 +37,11 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "blas.h"
+#include "constant_count.h"
 #include "cpu_ops.h"
 #include "tensor_data.h"
 #include "workspace.h"
@@ -262,20 +264,41 @@ std::vector<TapShift> tap_shifts(const Geometry& g) {
   return shifts;
 }
 
-// Calls fn(row) for each (channel, tap) of the part.
+// Up to kBlockRows (channel, tap) rows of one tap, of consecutive channels
+// of one attention group: they share their attention row, which the passes
+// then read once for all of them (and take the rows' count as a constant,
+// with_count).
+constexpr int64_t kBlockRows = 4;
+
+struct TapBlock {
+  int64_t rows;
+  std::array<TapRow, kBlockRows> row;
+};
+
+// Calls fn(block) for each tap of each block of up to kBlockRows channels
+// of the part; channels outer, so that a block's input (and input-gradient)
+// rows stay in cache over its taps.
 template <typename Fn>
-void for_each_tap_row(const Geometry& g, const Tile& tile, const Band& part, const Fn& fn) {
+void for_each_tap_block(const Geometry& g, const Tile& tile, const Band& part, const Fn& fn) {
   const int64_t R = tile.positions(g), Cg = g.channels / g.attn_groups;
   const int64_t first_position = ((part.b - tile.b0) * (tile.oh1 - tile.oh0) + part.oh0 - tile.oh0) * g.out_w;
   const std::vector<TapShift> shifts = tap_shifts(g);
-  for (int64_t c = part.c0; c < part.c1; ++c) {
-    const int64_t attn_row = (part.b * g.attn_groups + c / Cg) * g.taps();
+  for (int64_t c0 = part.c0; c0 < part.c1;) {
+    const int64_t group = c0 / Cg;
+    const int64_t rows = std::min({kBlockRows, part.c1 - c0, (group + 1) * Cg - c0});
+    const int64_t attn_row = (part.b * g.attn_groups + group) * g.taps();
     for (int64_t t = 0; t < g.taps(); ++t) {
       const TapShift& shift = shifts[t];
-      const int64_t x_plane = ((part.b * g.channels + c) * g.phases() + shift.phase) * g.plane_size();
-      fn(TapRow{(c * g.taps() + t) * R + first_position, (attn_row + t) * g.positions(), x_plane,
-                x_plane + shift.di * g.plane_w + shift.dj, shift.di, shift.dj});
+      TapBlock block{rows, {}};
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t c = c0 + i;
+        const int64_t x_plane = ((part.b * g.channels + c) * g.phases() + shift.phase) * g.plane_size();
+        block.row[i] = TapRow{(c * g.taps() + t) * R + first_position, (attn_row + t) * g.positions(), x_plane,
+                              x_plane + shift.di * g.plane_w + shift.dj, shift.di, shift.dj};
+      }
+      fn(block);
     }
+    c0 += rows;
   }
 }
 
@@ -335,75 +358,100 @@ void mask_padding_taps(const Geometry& g, at::Tensor& t) {
   });
 }
 
-// Runs over one (channel, tap) row at output positions r0 + k and input
-// pixels x0 + k, lo <= k < hi (a, q, p, ga indexed by output position; src,
-// gx by input pixel).
+// Runs over the N (channel, tap) rows of a block at output positions r0 + k
+// and input pixels x0 + k, lo <= k < hi (a, q, p, ga indexed by output
+// position; src, gx by input pixel); a and ga are the block's one attention
+// row and its gradient.
 
-// P's row: p = a * src.
-template <typename scalar_t>
-void patch_run(int64_t r0, int64_t x0, int64_t lo, int64_t hi, const scalar_t* a, const scalar_t* src,
-               scalar_t* p) {
+// P's rows: p = a * src.
+template <int64_t N, typename scalar_t>
+void patch_run(int64_t r0, int64_t x0, int64_t lo, int64_t hi, const scalar_t* a, const scalar_t* const* src,
+               scalar_t* const* p) {
+  for (int64_t i = 0; i < N; ++i) {
 #pragma omp simd
-  for (int64_t k = lo; k < hi; ++k) p[r0 + k] = a[r0 + k] * src[x0 + k];
-}
-
-// From Q's row: ga += q * src, gx += a * q, each where its flag is set, in
-// one loop (with P's row in it too, the loop measured slower than two).
-template <bool kGradAttn, bool kGradX, typename scalar_t>
-void grad_run(int64_t r0, int64_t x0, int64_t lo, int64_t hi, const scalar_t* a, const scalar_t* src,
-              const scalar_t* q, scalar_t* ga, scalar_t* gx) {
-#pragma omp simd
-  for (int64_t k = lo; k < hi; ++k) {
-    const scalar_t qk = q[r0 + k];  // once: the compiler cannot tell that ga's store leaves q alone
-    if constexpr (kGradAttn) ga[r0 + k] += qk * src[x0 + k];
-    if constexpr (kGradX) gx[x0 + k] += a[r0 + k] * qk;
+    for (int64_t k = lo; k < hi; ++k) p[i][r0 + k] = a[r0 + k] * src[i][x0 + k];
   }
 }
 
-// One (channel, tap) row of the part:
+// From Q's rows: ga += q * src, gx += a * q, and P's rows p = a * src over
+// them, each where its flag is set, in one loop. ga sums the rows in their
+// order, as one row at a time would.
+template <int64_t N, bool kPatches, bool kGradAttn, bool kGradX, typename scalar_t>
+void grad_run(int64_t r0, int64_t x0, int64_t lo, int64_t hi, const scalar_t* a, const scalar_t* const* src,
+              scalar_t* const* q, scalar_t* ga, scalar_t* const* gx) {
+#pragma omp simd
+  for (int64_t k = lo; k < hi; ++k) {
+    const scalar_t ak = a[r0 + k];
+    scalar_t gak = kGradAttn ? ga[r0 + k] : scalar_t(0);
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t qk = q[i][r0 + k];  // once: the compiler cannot tell that the stores leave q alone
+      const scalar_t sk = src[i][x0 + k];
+      if constexpr (kGradAttn) gak += qk * sk;
+      if constexpr (kGradX) gx[i][x0 + k] += ak * qk;
+      if constexpr (kPatches) q[i][r0 + k] = ak * sk;
+    }
+    if constexpr (kGradAttn) ga[r0 + k] = gak;
+  }
+}
+
+// The N rows of one tap of a block of the part:
 // with kPatches, P[c*K + t, r] = attn[a(c), t, r] * x[c, window(r, t)] into
 // d.matrix (zero in the padding); from Q[c*K + t, r] = sum_o w[o, c, t] * dy[o, r]
 // in d.matrix, first, with kGradAttn, grad_attn[a, t, r] += sum_{c in a} Q * x[c, window(r, t)]
 // (before the tap mask), and with kGradX, grad_x[c, window(r, t)] += attn[a(c), t, r] * Q.
-template <bool kPatches, bool kGradAttn, bool kGradX, typename scalar_t>
-void tap_row_pass(const Geometry& g, const Band& part, const TapRow& row, const TileData<scalar_t>& d) {
+template <int64_t N, bool kPatches, bool kGradAttn, bool kGradX, typename scalar_t>
+void tap_block_pass(const Geometry& g, const Band& part, const TapBlock& block, const TileData<scalar_t>& d) {
   const int64_t part_begin = part.oh0 * g.out_w, part_end = part.oh1 * g.out_w;
+  const TapRow& first = block.row[0];  // the rows share attn_offset, di and dj
   // p, q, a, ga: indexed by output position (oh, ow) -> oh*W_out + ow of the
   // image; src, gx: by the plane pixel oh*plane_w + ow that position reads
-  scalar_t* p = kPatches ? d.matrix + (row.matrix_offset - part_begin) : nullptr;
-  const scalar_t* q = kGradAttn || kGradX ? d.matrix + (row.matrix_offset - part_begin) : nullptr;
-  const scalar_t* a = d.attn + row.attn_offset;
-  scalar_t* ga = kGradAttn ? d.grad_attn + row.attn_offset : nullptr;
-  const scalar_t* src = d.x + row.x_offset;
-  scalar_t* gx = kGradX ? d.grad_x + row.x_offset : nullptr;
+  const scalar_t* a = d.attn + first.attn_offset;
+  scalar_t* ga = kGradAttn ? d.grad_attn + first.attn_offset : nullptr;
+  scalar_t* p[N];
+  const scalar_t* src[N];
+  scalar_t* gx[N];
+  for (int64_t i = 0; i < N; ++i) {
+    p[i] = d.matrix + (block.row[i].matrix_offset - part_begin);
+    src[i] = d.x + block.row[i].x_offset;
+    gx[i] = kGradX ? d.grad_x + block.row[i].x_offset : nullptr;
+  }
   // P may overwrite Q in place: Q is read at the positions where the tap
   // reads inside its plane before P is written there, and P's zeros go
   // elsewhere
   if (flat_runs(g)) {
-    const auto [begin, end] = flat_run(g, row, part);
-    grad_run<kGradAttn, kGradX>(0, 0, begin, end, a, src, q, ga, gx);
+    const auto [begin, end] = flat_run(g, first, part);
+    if constexpr (kGradAttn || kGradX) {
+      grad_run<N, kPatches, kGradAttn, kGradX>(0, 0, begin, end, a, src, p, ga, gx);
+    } else {
+      patch_run<N>(0, 0, begin, end, a, src, p);
+    }
     if constexpr (kPatches) {
-      std::fill(p + part_begin, p + begin, scalar_t(0));
-      patch_run(0, 0, begin, end, a, src, p);
-      std::fill(p + end, p + part_end, scalar_t(0));
+      for (int64_t i = 0; i < N; ++i) std::fill(p[i] + part_begin, p[i] + begin, scalar_t(0));
+      for (int64_t i = 0; i < N; ++i) std::fill(p[i] + end, p[i] + part_end, scalar_t(0));
     }
     return;
   }
-  const auto [first, last] = inside_rows(g, part, row.di);
-  const auto [lo, hi] = inside_columns(g, row.dj);
-  if constexpr (kPatches) zero_outside(g, part, row.di, row.dj, p);
-  for (int64_t oh = first; oh < last; ++oh) {
+  const auto [first_row, last_row] = inside_rows(g, part, first.di);
+  const auto [lo, hi] = inside_columns(g, first.dj);
+  if constexpr (kPatches) {
+    for (int64_t i = 0; i < N; ++i) zero_outside(g, part, first.di, first.dj, p[i]);
+  }
+  for (int64_t oh = first_row; oh < last_row; ++oh) {
     const int64_t r0 = oh * g.out_w, x0 = oh * g.plane_w;
-    grad_run<kGradAttn, kGradX>(r0, x0, lo, hi, a, src, q, ga, gx);
-    if constexpr (kPatches) patch_run(r0, x0, lo, hi, a, src, p);
+    if constexpr (kGradAttn || kGradX) {
+      grad_run<N, kPatches, kGradAttn, kGradX>(r0, x0, lo, hi, a, src, p, ga, gx);
+    } else {
+      patch_run<N>(r0, x0, lo, hi, a, src, p);
+    }
   }
 }
 
 // The part's rows of P into d.matrix.
 template <typename scalar_t>
 void build_patches(const Geometry& g, const Tile& tile, const Band& part, const TileData<scalar_t>& d) {
-  for_each_tap_row(g, tile, part, [&](const TapRow& row) {
-    tap_row_pass<true, false, false>(g, part, row, d);
+  for_each_tap_block(g, tile, part, [&](const TapBlock& block) {
+    with_count<kBlockRows>(block.rows,
+                           [&](auto rows) { tap_block_pass<rows(), true, false, false>(g, part, block, d); });
   });
 }
 
@@ -419,15 +467,17 @@ void with_flag(bool flag, const Fn& fn) {
 
 // From Q in d.matrix, the part's attention and input gradients into
 // d.grad_attn and d.grad_x, each when given, and with d.rebuild_patches
-// its rows of P over Q (see tap_row_pass).
+// its rows of P over Q (see tap_block_pass).
 template <typename scalar_t>
 void scatter_patch_grad(const Geometry& g, const Tile& tile, const Band& part,
                         const TileData<scalar_t>& d) {
   with_flag(d.rebuild_patches, [&](auto patches) {
     with_flag(d.grad_attn != nullptr, [&](auto grad_attn) {
       with_flag(d.grad_x != nullptr, [&](auto grad_x) {
-        for_each_tap_row(g, tile, part, [&](const TapRow& row) {
-          tap_row_pass<patches(), grad_attn(), grad_x()>(g, part, row, d);
+        for_each_tap_block(g, tile, part, [&](const TapBlock& block) {
+          with_count<kBlockRows>(block.rows, [&](auto rows) {
+            tap_block_pass<rows(), patches(), grad_attn(), grad_x()>(g, part, block, d);
+          });
         });
       });
     });

@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "constant_count.h"
 #include "cpu_ops.h"
 #include "workspace.h"
 
@@ -126,23 +127,12 @@ struct Vec {
   }
 };
 
-// Calls fn(std::integral_constant<int64_t, count>{}) for count in 1..9: the
-// kernels below take their number of taps (or maps) as a constant, so that
-// the loop over them unrolls with its pointers and weights in registers
-// (with a runtime count, every vector of output re-read them and tested the
-// count). Longer lists are cut into chunks of at most nine.
+// The kernels below take their number of taps (or maps) as a constant
+// (with_count), so that the loop over them unrolls with its pointers and
+// weights in registers (with a runtime count, every vector of output re-read
+// them and tested the count). Longer lists are cut into chunks of at most
+// nine.
 constexpr int64_t kMaxChunk = 9;
-
-template <typename Fn, int64_t... N>
-void with_count(int64_t count, const Fn& fn, std::integer_sequence<int64_t, N...>) {
-  TORCH_CHECK(count >= 1 && count <= kMaxChunk, "a chunk of 1 to 9 taps or maps, got ", count);
-  (void)((count == N + 1 && (fn(std::integral_constant<int64_t, N + 1>{}), true)) || ...);
-}
-
-template <typename Fn>
-void with_count(int64_t count, const Fn& fn) {
-  with_count(count, fn, std::make_integer_sequence<int64_t, kMaxChunk>{});
-}
 
 // out[j] = (accumulate ? out[j] : init) + sum_t w[t] * src[offsets[t] + j]
 // for j < n, over N taps. Blocks of four vectors of outputs are summed over
@@ -192,7 +182,7 @@ template <typename T>
 void weighted_sum(const T* src, const std::vector<int64_t>& offsets, const T* w, T init, T* out, int64_t n) {
   const int64_t taps = static_cast<int64_t>(offsets.size());
   for (int64_t t0 = 0; t0 < taps; t0 += kMaxChunk) {
-    with_count(std::min(kMaxChunk, taps - t0), [&](auto N) {
+    with_count<kMaxChunk>(std::min(kMaxChunk, taps - t0), [&](auto N) {
       weighted_sum_chunk<N()>(src, offsets.data() + t0, w + t0, init, t0 > 0, out, n);
     });
   }
@@ -225,7 +215,7 @@ template <typename T>
 void tap_dots(const T* g, const T* src, const std::vector<int64_t>& offsets, int64_t n, double* grad_w) {
   const int64_t taps = static_cast<int64_t>(offsets.size());
   for (int64_t t0 = 0; t0 < taps; t0 += kMaxChunk) {
-    with_count(std::min(kMaxChunk, taps - t0),
+    with_count<kMaxChunk>(std::min(kMaxChunk, taps - t0),
                [&](auto N) { tap_dots_chunk<N()>(g, src, offsets.data() + t0, n, grad_w + t0); });
   }
 }
@@ -465,7 +455,7 @@ std::pair<double, double> project_back(const T* dl, int64_t maps, int64_t P, con
   double u_sums[2] = {0, 0};
   for (int64_t m0 = 0; m0 < maps; m0 += kMaps) {
     const bool last = m0 + kMaps >= maps;
-    with_count(std::min(kMaps, maps - m0), [&](auto N) {
+    with_count<kMaps>(std::min(kMaps, maps - m0), [&](auto N) {
       project_back_chunk<N()>(dl + m0 * P, P, proj_c + m0 * stride, stride, z, m0 > 0, u, cross + m0,
                               last ? u_sums : nullptr);
     });
