@@ -418,16 +418,21 @@ void tap_block_pass(const Geometry& g, const Band& part, const TapBlock& block, 
   // P may overwrite Q in place: Q is read at the positions where the tap
   // reads inside its plane before P is written there, and P's zeros go
   // elsewhere
+  const auto run = [&](int64_t r0, int64_t x0, int64_t lo, int64_t hi) {
+    if constexpr (kGradAttn || kGradX) {
+      grad_run<N, kPatches, kGradAttn, kGradX>(r0, x0, lo, hi, a, src, p, ga, gx);
+    } else {
+      patch_run<N>(r0, x0, lo, hi, a, src, p);
+    }
+  };
   if (flat_runs(g)) {
     const auto [begin, end] = flat_run(g, first, part);
-    if constexpr (kGradAttn || kGradX) {
-      grad_run<N, kPatches, kGradAttn, kGradX>(0, 0, begin, end, a, src, p, ga, gx);
-    } else {
-      patch_run<N>(0, 0, begin, end, a, src, p);
-    }
+    run(0, 0, begin, end);
     if constexpr (kPatches) {
-      for (int64_t i = 0; i < N; ++i) std::fill(p[i] + part_begin, p[i] + begin, scalar_t(0));
-      for (int64_t i = 0; i < N; ++i) std::fill(p[i] + end, p[i] + part_end, scalar_t(0));
+      for (int64_t i = 0; i < N; ++i) {
+        std::fill(p[i] + part_begin, p[i] + begin, scalar_t(0));
+        std::fill(p[i] + end, p[i] + part_end, scalar_t(0));
+      }
     }
     return;
   }
@@ -436,14 +441,7 @@ void tap_block_pass(const Geometry& g, const Band& part, const TapBlock& block, 
   if constexpr (kPatches) {
     for (int64_t i = 0; i < N; ++i) zero_outside(g, part, first.di, first.dj, p[i]);
   }
-  for (int64_t oh = first_row; oh < last_row; ++oh) {
-    const int64_t r0 = oh * g.out_w, x0 = oh * g.plane_w;
-    if constexpr (kGradAttn || kGradX) {
-      grad_run<N, kPatches, kGradAttn, kGradX>(r0, x0, lo, hi, a, src, p, ga, gx);
-    } else {
-      patch_run<N>(r0, x0, lo, hi, a, src, p);
-    }
-  }
+  for (int64_t oh = first_row; oh < last_row; ++oh) run(oh * g.out_w, oh * g.plane_w, lo, hi);
 }
 
 // The part's rows of P into d.matrix.
