@@ -319,9 +319,14 @@ std::pair<int64_t, int64_t> inside_columns(const Geometry& g, int64_t dj) {
 // run wraps around a row end it reads the neighbouring row's pixels, and
 // rows past the plane's edge read its first or last row: the masked
 // attention is zero at those positions, so they add nothing (the attention
-// gradient is masked after its pass). Returns the part's positions
-// [begin, end) whose reads stay inside the plane.
-bool flat_runs(const Geometry& g) { return g.out_w == g.plane_w; }
+// gradient is masked after its pass). A run reaches at most one row past
+// the rows its tap reads (the spare row of make_bands) only while no tap
+// shifts columns by more than a row's width. flat_run returns the part's
+// positions [begin, end) whose reads stay inside the plane.
+bool flat_runs(const Geometry& g) {
+  const int64_t dj_min = floor_div(-g.pw, g.sw), dj_max = floor_div(g.dw * (g.kw - 1) - g.pw, g.sw);
+  return g.out_w == g.plane_w && -dj_min <= g.plane_w && dj_max <= g.plane_w;
+}
 
 std::pair<int64_t, int64_t> flat_run(const Geometry& g, const TapRow& row, const Band& part) {
   const int64_t shift = row.x_offset - row.x_plane;
