@@ -59,6 +59,30 @@ def test_schedules_match_reference(monkeypatch, threads, tile_elements):
         torch.set_num_threads(old_threads)
 
 
+@pytest.mark.parametrize('tile_elements', [1, 1 << 17])
+@pytest.mark.parametrize('width', [1, 2, 3])
+def test_taps_wider_than_the_input(monkeypatch, tile_elements, width):
+    """A 5x5 kernel with padding 2 on inputs 1-3 pixels wide: taps shift
+    columns by up to two pixels, more than a row's width at width 1, which
+    the passes' flat runs over whole rows cannot take. With tiny tiles the
+    bands run concurrently on two threads."""
+    monkeypatch.setattr(cpp, 'TILE_ELEMENTS', tile_elements)
+    monkeypatch.setattr(cpp, 'THREAD_ELEMENTS', 1)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        case = make_case(2, 3, 4, (40, width), (5, 5), 1, (2, 2), 1, 1, 1)
+        args = (1, 1), (2, 2), (1, 1), 1
+        cpp_out, *cpp_grads = grads_of(case, args, 'cpp')
+        ref_out, *ref_grads = grads_of(case, args, 'reference')
+        torch.testing.assert_close(cpp_out, ref_out, rtol=1e-10, atol=1e-10)
+        for actual, expected in zip(cpp_grads, ref_grads):
+            torch.testing.assert_close(actual, expected, rtol=1e-10,
+                                       atol=1e-10)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 @pytest.mark.parametrize('tile_elements', [300, 1 << 17])
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('wanted', [(True, False, False), (False, True, False),
