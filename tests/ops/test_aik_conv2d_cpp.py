@@ -1,5 +1,6 @@
 """The compiled CPU path against the float64 loop reference, on both of its
 schedules (parallel cache-sized tiles, and the whole batch as one tile)."""
+import contextlib
 import itertools
 
 import pytest
@@ -14,6 +15,17 @@ from test_aik_conv2d import loop_reference, make_case
 def test_extension_is_built_and_default_on_cpu():
     assert cpp.AVAILABLE, 'setup.py did not build mmdynconv.ops._cpu'
     assert _default_impl(torch.zeros(1)) == 'cpp'
+
+
+@contextlib.contextmanager
+def torch_threads(threads):
+    """Runs the block with torch on ``threads`` threads, then restores."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
 
 
 def grads_of(case, args, impl):
@@ -33,9 +45,7 @@ def test_schedules_match_reference(monkeypatch, threads, tile_elements):
     small."""
     monkeypatch.setattr(cpp, 'TILE_ELEMENTS', tile_elements)
     monkeypatch.setattr(cpp, 'THREAD_ELEMENTS', 1)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for (kernel, stride, pad, dilation, attn_groups,
              size) in itertools.product([(3, 3), (1, 1), (5, 3)], [1, 2, 3],
                                         [0, 1, 2], [1, 2], [1, 2],
@@ -55,8 +65,6 @@ def test_schedules_match_reference(monkeypatch, threads, tile_elements):
                                                   'reference')[1:]):
                 torch.testing.assert_close(actual, reference, rtol=1e-10,
                                            atol=1e-10)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 @pytest.mark.parametrize('tile_elements', [1, 1 << 17])
@@ -68,9 +76,7 @@ def test_taps_wider_than_the_input(monkeypatch, tile_elements, width):
     bands run concurrently on two threads."""
     monkeypatch.setattr(cpp, 'TILE_ELEMENTS', tile_elements)
     monkeypatch.setattr(cpp, 'THREAD_ELEMENTS', 1)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         case = make_case(2, 3, 4, (40, width), (5, 5), 1, (2, 2), 1, 1, 1)
         args = (1, 1), (2, 2), (1, 1), 1
         cpp_out, *cpp_grads = grads_of(case, args, 'cpp')
@@ -79,8 +85,6 @@ def test_taps_wider_than_the_input(monkeypatch, tile_elements, width):
         for actual, expected in zip(cpp_grads, ref_grads):
             torch.testing.assert_close(actual, expected, rtol=1e-10,
                                        atol=1e-10)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 @pytest.mark.parametrize('tile_elements', [300, 1 << 17])
@@ -144,9 +148,7 @@ def test_results_outlive_the_next_call(monkeypatch, threads, tile_elements):
     a call returned must not change when the next call (other values, then
     another dtype) reuses them."""
     monkeypatch.setattr(cpp, 'TILE_ELEMENTS', tile_elements)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         args = (2, 2), (1, 1), (1, 1), 1
         first = make_case(2, 4, 5, (9, 8), (3, 3), 2, (1, 1), 1, 1, 1)
         results = grads_of(first, args, 'cpp')
@@ -160,5 +162,3 @@ def test_results_outlive_the_next_call(monkeypatch, threads, tile_elements):
             assert torch.equal(result, copy)
         for result, expected in zip(results, grads_of(first, args, 'cpp')):
             assert torch.equal(result, expected)
-    finally:
-        torch.set_num_threads(old_threads)

@@ -324,7 +324,8 @@ std::pair<int64_t, int64_t> inside_columns(const Geometry& g, int64_t dj) {
 // shifts columns by more than a row's width. flat_run returns the part's
 // positions [begin, end) whose reads stay inside the plane.
 bool flat_runs(const Geometry& g) {
-  const int64_t dj_min = floor_div(-g.pw, g.sw), dj_max = floor_div(g.dw * (g.kw - 1) - g.pw, g.sw);
+  // the first and the last kernel column shift columns the most
+  const int64_t dj_min = tap_shift(g, 0, 0).dj, dj_max = tap_shift(g, 0, g.kw - 1).dj;
   return g.out_w == g.plane_w && -dj_min <= g.plane_w && dj_max <= g.plane_w;
 }
 
