@@ -21,6 +21,7 @@
 
 #include "blas.h"
 #include "cpu_ops.h"
+#include "norm_vectors.h"
 #include "tensor_data.h"
 
 namespace {
@@ -52,15 +53,6 @@ struct Stats {
   at::Tensor mean, invstd;
 };
 
-template <typename T>
-at::Tensor inverse_std(const at::Tensor& var, double eps) {
-  at::Tensor invstd = at::empty_like(var);
-  const T* v = var.data_ptr<T>();
-  T* out = invstd.data_ptr<T>();
-  for (int64_t c = 0; c < var.numel(); ++c) out[c] = T(1) / std::sqrt(v[c] + static_cast<T>(eps));
-  return invstd;
-}
-
 // The running statistics (copied: the buffers change before backward).
 template <typename T>
 Stats running_statistics(const Norm& norm) {
@@ -87,16 +79,6 @@ void update_running_statistics(const Norm& norm, const at::Tensor& mean, const a
     running_mean[c] += f * (m[c] - running_mean[c]);
     running_var[c] += f * (v[c] * unbiased - running_var[c]);
   }
-}
-
-// weight * invstd, (C,): the norm is (maps - mean) * scale + bias.
-template <typename T>
-at::Tensor norm_scale(const Norm& norm, const at::Tensor& invstd) {
-  at::Tensor scale = at::empty_like(invstd);
-  const T *gamma = data_or_null<T>(norm.weight), *is = invstd.data_ptr<T>();
-  T* sc = scale.data_ptr<T>();
-  for (int64_t c = 0; c < invstd.numel(); ++c) sc[c] = gamma ? gamma[c] * is[c] : is[c];
-  return scale;
 }
 
 // The terms of the norm's backward through its batch statistics (see
@@ -191,7 +173,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& loca
     update_running_statistics<T>(local_norm, context[1], context[2], count);
     local = {context[1], inverse_std<T>(context[2], local_norm.eps)};
   }
-  const at::Tensor maps = local_maps<T>(centred, matrix(local_proj), norm_scale<T>(local_norm, local.invstd),
+  const at::Tensor maps = local_maps<T>(centred, matrix(local_proj), norm_scale<T>(local_norm.weight, local.invstd),
                                         local_norm.bias);
 
   at::Tensor pooled, glob;
@@ -227,7 +209,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& att
 
   at::Tensor glob;
   if (global_proj.has_value()) glob = global_vectors<T>(*pooled, matrix(*global_proj));
-  const at::Tensor fuse_scale = norm_scale<T>(fuse_norm, fuse.invstd);
+  const at::Tensor fuse_scale = norm_scale<T>(fuse_norm.weight, fuse.invstd);
   const at::Tensor fuse_terms = statistics_terms<T>(fuse_norm, fuse_scale, fuse.invstd, count);
   const std::vector<at::Tensor> tail =
       tail_backward(maps, optional(glob), fusion, fuse.mean, fuse_scale, optional(fuse_terms),
@@ -235,11 +217,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& att
                     groups);
   const at::Tensor &grad_maps = tail[0], &grad_glob = tail[1];
 
-  // the fusion norm's parameters: d gamma = sum(dN * centred) * invstd,
-  // d beta = sum(dN)
+  // the fusion norm's parameters: d gamma = sum(dN * centred) * invstd
+  // (the product norm_scale forms), d beta = sum(dN)
   at::Tensor grad_fuse_weight, grad_fuse_bias;
   if (fuse_norm.weight.defined()) {
-    grad_fuse_weight = tail[3] * fuse.invstd;
+    grad_fuse_weight = norm_scale<T>(tail[3], fuse.invstd);
     grad_fuse_bias = tail[2];
   }
 
@@ -265,7 +247,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& att
   }
 
   const at::Tensor proj = matrix(local_proj);
-  const at::Tensor local_scale = norm_scale<T>(local_norm, local.invstd);
+  const at::Tensor local_scale = norm_scale<T>(local_norm.weight, local.invstd);
   const at::Tensor local_terms = statistics_terms<T>(local_norm, local_scale, local.invstd, count);
   const std::vector<at::Tensor> dw = depthwise_context_backward(
       grad_maps, proj, x, local_conv.contiguous(), stride, padding, dilation, local.mean, local_scale,

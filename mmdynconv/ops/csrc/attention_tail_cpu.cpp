@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "norm_vectors.h"
 #include "tensor_data.h"
 #include "workspace.h"
 
@@ -191,12 +192,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
         vd[j] = static_cast<T>(fused_sum(j, [mu](T v) { return (v - mu) * (v - mu); }) / count);
       }
     });
-    invstd = (var + eps).rsqrt_();
+    invstd = inverse_std<T>(var, eps);
   } else {
     mean = given_mean->contiguous();
     invstd = given_invstd->contiguous();
   }
-  const at::Tensor scale = gamma.defined() ? invstd * gamma : invstd;
+  const at::Tensor scale = norm_scale<T>(gamma, invstd);
   const T* md = mean.data_ptr<T>();
   const T* sd = scale.data_ptr<T>();
   const T* betad = data_or_null<T>(beta);
