@@ -249,6 +249,34 @@ def test_float32_channels_last_input():
     assert x_fused.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize('act', ['2sigmoid', 'sigmoid'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_sigmoids_over_the_whole_range_of_logits(act, dtype):
+    """A within two ulps of torch's sigmoid for logits from -40 to 40 and
+    at the ends (the compiled tail computes its own exp in float32); NaN
+    logits give NaN A."""
+    gen = AIKAttention(64, (3, 3), (1, 1), (1, 1), (1, 1), attn_groups=64,
+                       act=act).to(dtype)
+    ends = [float('nan'), float('inf'), -float('inf'), 1e30, -1e30]
+    count = gen.head.bias.numel() - len(ends)
+    logits = torch.cat([
+        torch.tensor(ends, dtype=dtype),
+        torch.linspace(-40, 40, count, dtype=dtype)
+    ])
+    with torch.no_grad():  # logits = the head's bias at every position
+        gen.head.weight.zero_()
+        gen.head.bias.copy_(logits)
+    attn = gen(torch.randn(2, 64, 9, 9, dtype=dtype), (9, 9))
+    assert is_fused(attn)
+    scale = 2 if act == '2sigmoid' else 1
+    expected = scale * torch.sigmoid(logits).view(1, 64, 9, 1, 1)
+    torch.testing.assert_close(attn,
+                               expected.expand_as(attn),
+                               rtol=2 * torch.finfo(dtype).eps,
+                               atol=0,
+                               equal_nan=True)
+
+
 def test_global_context_runs_the_modules():
     gen = make_generator(context='global')
     ref = copy.deepcopy(gen)

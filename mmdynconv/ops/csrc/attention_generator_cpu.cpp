@@ -143,14 +143,10 @@ at::Tensor local_maps(const at::Tensor& centred, const at::Tensor& proj, const a
   return maps;
 }
 
-// A = act(logits), in place on the logits (B, G*K, P).
-at::Tensor activate(at::Tensor logits, int64_t act, int64_t groups) {
-  if (act == kSoftmax) {
-    const at::Tensor per_group = logits.view({logits.size(0), groups, -1, logits.size(2)});
-    return at::softmax(per_group, 2).mul_(per_group.size(2)).view_as(logits);
-  }
-  logits.sigmoid_();
-  return act == kTwoSigmoid ? logits.mul_(2) : logits;
+// A = K * softmax over each group's K taps of the logits (B, G*K, P).
+at::Tensor tap_softmax(const at::Tensor& logits, int64_t groups) {
+  const at::Tensor per_group = logits.view({logits.size(0), groups, -1, logits.size(2)});
+  return at::softmax(per_group, 2).mul_(per_group.size(2)).view_as(logits);
 }
 
 at::Tensor matrix(const at::Tensor& conv_weight) { return conv_weight.view({conv_weight.size(0), -1}); }
@@ -184,13 +180,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& loca
   Stats fuse = fuse_norm.batch_stats ? Stats{} : running_statistics<T>(fuse_norm);
   const std::vector<at::Tensor> tail =
       tail_forward(maps, optional(glob), fusion, optional(fuse.mean), optional(fuse.invstd), fuse_norm.weight,
-                   fuse_norm.bias, fuse_norm.eps, matrix(head_weight), head_bias);
+                   fuse_norm.bias, fuse_norm.eps, matrix(head_weight), head_bias, act);
   if (fuse_norm.batch_stats) {
     update_running_statistics<T>(fuse_norm, tail[1], tail[2], count);
     fuse = {tail[1], tail[3]};  // the invstd the tail normalised with
   }
 
-  const at::Tensor attn = activate(tail[0], act, groups).view({batch, groups, -1, z.size(2), z.size(3)});
+  // the tail applied the sigmoids
+  const at::Tensor activated = act == kSoftmax ? tap_softmax(tail[0], groups) : tail[0];
+  const at::Tensor attn = activated.view({batch, groups, -1, z.size(2), z.size(3)});
   return {attn, pooled, maps, local.mean, local.invstd, fuse.mean, fuse.invstd};
 }
 

@@ -6,8 +6,9 @@
 //   H = relu((F - mean) * scale + beta)  (the fusion norm; scale = gamma * invstd)
 //   Z = W H + bias                       (the head, G*K logits)
 //
-// (A = act(Z), 2*sigmoid, sigmoid, or K * softmax over each group's taps,
-// is left to torch's vectorised ops), and the backward of A from A and dA. Maps are NCHW with the spatial dims
+// and A = act(Z) for act 2*sigmoid or sigmoid, in the same pass (K *
+// softmax over each group's taps is left to torch's ops), and the backward
+// of A from A and dA. Maps are NCHW with the spatial dims
 // flattened; every pass runs over blocks of positions with the channels in
 // an outer loop, so the inner loops are unit-stride and vectorised. The
 // passes over (sample, block) pairs run in parallel; their sums go to
@@ -17,7 +18,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -32,6 +35,51 @@ constexpr int64_t kBlock = 256;  // positions per block
 template <typename T>
 T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
+}
+
+// 16 floats in one GCC vector (one AVX-512 register, two AVX2 ones).
+typedef float Floats __attribute__((vector_size(64)));
+typedef int32_t Ints __attribute__((vector_size(64)));
+
+// e^v lane by lane: e^v = 2^n e^r with n = floor(v log2(e) + 1/2) and
+// r = v - n ln(2) (ln(2) in two parts, so that r is exact), e^r by the
+// polynomial of Cephes' expf. Beyond +-88.37, where 2^n would leave the
+// float exponent's range, inf and 0; NaN stays NaN. (std::exp vectorises
+// only under -ffast-math, and torch's vectorised exp is not reachable from
+// an extension: a tensor op per block would cost more than the pass.)
+Floats exp_lanes(Floats v) {
+  constexpr float kLimit = 88.3762626647949f;
+  const Floats inside = v > kLimit ? Floats{} + kLimit : v < -kLimit ? Floats{} - kLimit : v;
+  const Floats shifted = inside * 1.44269504088896341f + 0.5f;
+  Floats n = __builtin_convertvector(__builtin_convertvector(shifted, Ints), Floats);
+  n = n > shifted ? n - 1.0f : n;  // floor: the conversion truncates towards zero
+  const Floats r = (inside - n * 0.693359375f) - n * -2.12194440e-4f;
+  Floats p = Floats{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Floats er = p * (r * r) + r + 1.0f;
+  const Ints exponent = (__builtin_convertvector(n, Ints) + 127) << 23;
+  const Floats e = er * (Floats)exponent;  // the vector cast keeps the bits: 2^n
+  return v > kLimit ? Floats{} + HUGE_VALF : v < -kLimit ? Floats{} : e;
+}
+
+// row[p] = scale * sigmoid(row[p]) for p < n.
+template <typename T>
+void scaled_sigmoid(T* row, int64_t n, T scale) {
+  int64_t p = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t L = sizeof(Floats) / sizeof(float);
+    for (; p + L <= n; p += L) {
+      Floats v;
+      std::memcpy(&v, row + p, sizeof(v));
+      v = scale / (1.0f + exp_lanes(-v));
+      std::memcpy(row + p, &v, sizeof(v));
+    }
+  }
+  for (; p < n; ++p) row[p] = scale * sigmoid(row[p]);
 }
 
 // Sizes and the optional tensors' pointers of one call.
@@ -157,7 +205,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
                                      int64_t fusion, const std::optional<at::Tensor>& given_mean,
                                      const std::optional<at::Tensor>& given_invstd,
                                      const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                                     const at::Tensor& weight, const at::Tensor& bias) {
+                                     const at::Tensor& weight, const at::Tensor& bias, int64_t act) {
   const bool batch_stats = !(given_mean.has_value() && given_mean->defined());
   at::Tensor logits, mean, var, invstd;
   const Tail<T> tail = make_tail<T>(local, glob, fusion, weight);
@@ -211,6 +259,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& local, const std::optiona
       tail.hidden_block(b, p0, n, md, sd, betad, h.data(), c.data());
       head_block(tail, h.data(), biasd, n, z.data());
       for (int64_t k = 0; k < tail.logits; ++k) {
+        if (act != kSoftmax) scaled_sigmoid(z.data() + k * kBlock, n, act == kTwoSigmoid ? T(2) : T(1));
         std::copy_n(z.data() + k * kBlock, n, zd + (b * tail.logits + k) * tail.positions + p0);
       }
     }
@@ -371,17 +420,17 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& local, const std::option
 
 // local (B, M, P), glob (B, M) or None, the fusion norm's mean and invstd
 // (M',; None: batch statistics), gamma and beta (M',) or None, head weight
-// (G*K, M') and bias (G*K,) -> [Z (B, G*K, P), mean (M'), biased var (M';
-// undefined when mean was given), invstd (M'; the given one, or
-// 1 / sqrt(var + eps))].
+// (G*K, M') and bias (G*K,), the activation -> [A (B, G*K, P) for the
+// sigmoids, the logits Z for softmax, mean (M'), biased var (M'; undefined
+// when mean was given), invstd (M'; the given one, or 1 / sqrt(var + eps))].
 std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                      int64_t fusion, const std::optional<at::Tensor>& mean,
                                      const std::optional<at::Tensor>& invstd,
                                      const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                                     const at::Tensor& weight, const at::Tensor& bias) {
+                                     const at::Tensor& weight, const at::Tensor& bias, int64_t act) {
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(local.scalar_type(), "tail_forward", [&] {
-    result = forward_impl<scalar_t>(local, glob, fusion, mean, invstd, gamma, beta, eps, weight, bias);
+    result = forward_impl<scalar_t>(local, glob, fusion, mean, invstd, gamma, beta, eps, weight, bias, act);
   });
   return result;
 }

@@ -41,12 +41,12 @@ std::vector<at::Tensor> depthwise_context_backward(
     const std::optional<at::Tensor>& grad_x_into, bool need_input, bool need_weight);
 
 // attention_tail_cpu.cpp: the generator's tail (fusion, fusion norm, ReLU,
-// head; the backward also through the activation).
+// head, and the sigmoid activations; the backward through any activation).
 std::vector<at::Tensor> tail_forward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                      int64_t fusion, const std::optional<at::Tensor>& mean,
                                      const std::optional<at::Tensor>& invstd,
                                      const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                                     const at::Tensor& weight, const at::Tensor& bias);
+                                     const at::Tensor& weight, const at::Tensor& bias, int64_t act);
 std::vector<at::Tensor> tail_backward(const at::Tensor& local, const std::optional<at::Tensor>& glob,
                                       int64_t fusion, const at::Tensor& mean, const at::Tensor& scale,
                                       const std::optional<at::Tensor>& stat_terms,
