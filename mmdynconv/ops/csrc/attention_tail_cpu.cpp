@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -26,6 +25,7 @@
 #include "cpu_ops.h"
 #include "norm_vectors.h"
 #include "tensor_data.h"
+#include "vec.h"
 #include "workspace.h"
 
 namespace {
@@ -37,9 +37,8 @@ T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
-// 16 floats in one GCC vector (one AVX-512 register, two AVX2 ones).
-typedef float Floats __attribute__((vector_size(64)));
-typedef int32_t Ints __attribute__((vector_size(64)));
+using Floats = Vec<float>::type;
+typedef int32_t Ints __attribute__((vector_size(sizeof(Floats))));
 
 // e^v lane by lane: e^v = 2^n e^r with n = floor(v log2(e) + 1/2) and
 // r = v - n ln(2) (ln(2) in two parts, so that r is exact), e^r by the
@@ -71,12 +70,8 @@ template <typename T>
 void scaled_sigmoid(T* row, int64_t n, T scale) {
   int64_t p = 0;
   if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t L = sizeof(Floats) / sizeof(float);
-    for (; p + L <= n; p += L) {
-      Floats v;
-      std::memcpy(&v, row + p, sizeof(v));
-      v = scale / (1.0f + exp_lanes(-v));
-      std::memcpy(row + p, &v, sizeof(v));
+    for (; p + Vec<float>::size <= n; p += Vec<float>::size) {
+      Vec<float>::store(row + p, scale / (1.0f + exp_lanes(-Vec<float>::load(row + p))));
     }
   }
   for (; p < n; ++p) row[p] = scale * sigmoid(row[p]);

@@ -25,7 +25,6 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -33,6 +32,7 @@
 
 #include "constant_count.h"
 #include "cpu_ops.h"
+#include "vec.h"
 #include "workspace.h"
 
 namespace {
@@ -104,26 +104,6 @@ struct Taps {
         lead = std::max(lead, inner);
       }
     }
-  }
-};
-
-// A GCC vector of 64 bytes (one AVX-512 register, two AVX2 ones); loads and
-// stores through memcpy, so unaligned.
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t size = 64 / sizeof(T);
-  static type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(type));
-    return v;
-  }
-  static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
-  // The sum of v's lanes, in double.
-  static double sum(const type& v) {
-    double total = 0;
-    for (int64_t k = 0; k < size; ++k) total += v[k];
-    return total;
   }
 };
 
