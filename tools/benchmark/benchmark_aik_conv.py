@@ -30,6 +30,7 @@ On a machine shared with other work, ``--threads 1`` avoids OpenMP threads
 waiting on a descheduled sibling (times then jump in whole scheduler slices).
 """
 import argparse
+import os
 import statistics
 import time
 from functools import partial
@@ -135,6 +136,9 @@ def peak_bytes(fn):
     """Peak of the bytes allocated while fn runs, from the profiler's memory
     timeline (CPU has no allocator statistics like torch.cuda's)."""
     from torch.profiler._memory_profiler import Action
+    # kineto otherwise logs every session to stderr, with a GPU-count error
+    # on machines without one
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')
     with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU],
             profile_memory=True,
