@@ -24,7 +24,10 @@ cannot see: AIK's modulation (B*C*K*L), DCNv2's main aggregation
 mixing of the dynamic conv (B*E*O*C*K).
 
     python tools/benchmark/benchmark_aik_conv.py [--runs 10] [--batch 2]
-        [--threads N]
+        [--threads N] [--adaptive-heap]
+
+glibc's heap is held (``cpu_heap.py``): without it, heap trims land on one
+row or another at random, by the process.
 
 On a machine shared with other work, ``--threads 1`` avoids OpenMP threads
 waiting on a descheduled sibling (times then jump in whole scheduler slices).
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aik_rows import SHAPES, AIKOp, aik_layer, saved_bytes
+from cpu_heap import hold_heap
 from mmdynconv.cnn import AIKConv2d
 
 
@@ -215,12 +219,15 @@ def main():
     parser.add_argument('--runs', type=int, default=10)
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--adaptive-heap', action='store_true',
+                        help="keep glibc's adaptive malloc thresholds")
     args = parser.parse_args()
+    heap = hold_heap(args.adaptive_heap)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
           f'batch {args.batch}, median of {args.runs} interleaved runs after '
-          '3 warm-up')
+          f'3 warm-up; {heap}')
     for shape in SHAPES:
         print(format_table(shape, bench_shape(*shape, args.batch, args.runs)),
               flush=True)

@@ -12,6 +12,9 @@ alone would pick rounds where the convolution was lucky, not where the
 machine was quiet, and inflate the other rows' ratios.)
 
     python tools/benchmark/ratio_by_spell.py [--rounds 200] [--shape C SIZE STRIDE]
+        [--adaptive-heap]
+
+glibc's heap is held as in benchmark_aik_conv.py (``cpu_heap.py``).
 """
 import argparse
 import statistics
@@ -21,6 +24,7 @@ import torch
 
 from aik_rows import SHAPES
 from benchmark_aik_conv import build_layers
+from cpu_heap import hold_heap
 
 
 def timed_rounds(channels, size, stride, batch, rounds, warmup=10):
@@ -68,14 +72,17 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--shape', type=int, nargs=3, default=None,
                         metavar=('C', 'SIZE', 'STRIDE'))
+    parser.add_argument('--adaptive-heap', action='store_true',
+                        help="keep glibc's adaptive malloc thresholds")
     args = parser.parse_args()
     if args.rounds < 4:
         parser.error(f'--rounds must be at least 4, got {args.rounds}')
+    heap = hold_heap(args.adaptive_heap)
     shapes = [tuple(args.shape)] if args.shape else SHAPES
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
           f'batch {args.batch}, {args.rounds} rounds; medians of all rounds, '
           'then per quarter of each row\'s sorted times, fastest first: '
-          'conv ms, op / conv, layer / conv')
+          f'conv ms, op / conv, layer / conv; {heap}')
     for shape in shapes:
         all_rounds, *by_quarter = [
             f'{conv:.2f} ms {op:.2f} {layer:.2f}' for conv, op, layer in
