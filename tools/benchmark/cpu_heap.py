@@ -5,11 +5,12 @@ past a trim threshold, and it adapts that threshold (and the size above which
 blocks get their own mapping) to the blocks the process frees. In a rotation
 of rows whose footprints range from a few MB to tens of MB, the trim, and
 the page faults that refill the heap afterwards, land on whichever row frees
-the block just below the free top. At C = 64, 56x56 one process in about
-five trimmed 28 MB inside the AIK layer's backward on every step, adding
-2.5-3.2 ms to its 8.3 ms (docs/cpu_benchmark_notes.md). With fixed thresholds
-the heap grows to the largest row's footprint and stays there, so every row
-is timed on memory it has used before.
+the block just below the free top, by the process: at C = 64, 56x56 a 28 MB
+trim inside the AIK layer's backward added 2.5-3.2 ms to its 8.3 ms steps in
+one process we caught, and in ratio_by_spell.py's rotation the convolution
+ran 1-2 ms slower without fixed thresholds (docs/cpu_benchmark_notes.md).
+With fixed thresholds the heap grows to the largest row's footprint and stays
+there, so every row is timed on memory it has used before.
 """
 import ctypes
 import ctypes.util
