@@ -25,10 +25,10 @@ def hold_heap(adaptive: bool = False) -> str:
     """Fixes glibc's mmap and trim thresholds for this process, unless
     ``adaptive``. Returns a line saying what the allocator does, for the
     timings' header."""
-    if adaptive:
-        return 'glibc\'s adaptive heap thresholds (--adaptive-heap)'
     if platform.libc_ver()[0] != 'glibc':
         return 'allocator: the platform\'s own (not glibc)'
+    if adaptive:
+        return 'glibc\'s adaptive heap thresholds (--adaptive-heap)'
     libc = ctypes.CDLL(ctypes.util.find_library('c'))
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
             and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
@@ -36,4 +36,3 @@ def hold_heap(adaptive: bool = False) -> str:
                            'or mallopt(M_TRIM_THRESHOLD, 2 GiB)')
     return ('glibc heap held: blocks up to 32 MiB from the heap, no trimming '
             '(--adaptive-heap keeps glibc\'s own thresholds)')
-
